@@ -1,0 +1,161 @@
+"""Performance figures, printed as one JSON line: `python -m minigpt.bench` (or `make bench`).
+
+Training throughput and model-FLOPs utilisation of our GPT against Transformers' GPT2LMHeadModel of
+identical dimensions, and decoding speed with and without the KV cache against GPT-2's `generate`.
+Every comparison is measured side by side in one run, interleaved (A, B, A, B, …), and reported as
+medians: the cores are shared and noisy, ratios measured together are what can be trusted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM
+from minigpt.sampling import SamplingConfig, generate
+
+
+def matmul_peak_gflops(dtype=torch.float32, n=1024, repeats=5) -> float:
+    """This machine's dense matmul rate: the denominator of MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        rates.append(10 * 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return max(rates)
+
+
+def flops_per_token(n_params_no_embedding: int, n_layer: int, n_embd: int, block: int, vocab: int) -> float:
+    """Training FLOPs per token: 6·(matmul params incl. LM head) + attention scores (PaLM appendix B)."""
+    return 6 * (n_params_no_embedding + n_embd * vocab) + 12 * n_layer * n_embd * block
+
+
+def build_models(layers, width, heads, vocab, positions):
+    torch.manual_seed(0)
+    ours = MiniGPTForCausalLM(MiniGPTConfig(vocab_size=vocab, n_layer=layers, n_head=heads, n_embd=width,
+                                            block_size=positions))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_layer=layers, n_head=heads, n_embd=width,
+                                      n_positions=positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    return ours, gpt2
+
+
+def train_steps_per_sec(model, batch, block, vocab, steps, dtype):
+    """Tokens/s of whole training steps (forward, backward, AdamW) after one warm-up step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, vocab, (batch, block + 1))
+    model.train()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = model(input_ids=x[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, vocab), x[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch * block / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def decode_rates(ours, gpt2, prompt_len, new_tokens, vocab):
+    ours.eval(), gpt2.eval()
+    prompt = torch.randint(0, vocab, (1, prompt_len))
+    greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
+
+    def cached():
+        start = time.perf_counter()
+        out = generate(ours, prompt.tolist(), greedy)
+        assert len(out.tokens[0]) == new_tokens
+        return new_tokens / (time.perf_counter() - start)
+
+    def uncached():  # the whole sequence through the model for every new token
+        start = time.perf_counter()
+        seq = prompt
+        for _ in range(new_tokens):
+            seq = torch.cat([seq, ours(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return new_tokens / (time.perf_counter() - start)
+
+    def reference():
+        start = time.perf_counter()
+        gpt2.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return new_tokens / (time.perf_counter() - start)
+
+    return cached, uncached, reference
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=12)
+    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10, help="training steps per measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved measurements per figure (median)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    positions = max(args.block, args.prompt_len + args.new_tokens)
+    ours, gpt2 = build_models(args.layers, args.width, args.heads, args.vocab, positions)
+    peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+
+    train = {"ours": [], "ours_bf16": [], "gpt2": []}
+    for _ in range(args.repeats):  # interleaved, so background load hits all alike
+        train["ours"].append(train_steps_per_sec(ours, args.batch, args.block, args.vocab, args.steps, torch.float32))
+        train["gpt2"].append(train_steps_per_sec(gpt2, args.batch, args.block, args.vocab, args.steps, torch.float32))
+        train["ours_bf16"].append(train_steps_per_sec(ours, args.batch, args.block, args.vocab, args.steps,
+                                                      torch.bfloat16))
+    cached, uncached, reference = decode_rates(ours, gpt2, args.prompt_len, args.new_tokens, args.vocab)
+    decode = {"cached": [], "uncached": [], "gpt2": []}
+    for _ in range(args.repeats):
+        decode["cached"].append(cached())
+        decode["uncached"].append(uncached())
+        decode["gpt2"].append(reference())
+    med = {k: statistics.median(v) for k, v in {**{f"train_{k}": v for k, v in train.items()},
+                                                **{f"decode_{k}": v for k, v in decode.items()}}.items()}
+
+    non_embedding = sum(p.numel() for n, p in ours.named_parameters() if "wte" not in n)
+    per_token = flops_per_token(non_embedding, args.layers, args.width, args.block, args.vocab)
+    result = {
+        "config": f"{args.layers}x{args.width}, heads {args.heads}, vocab {args.vocab}, batch {args.batch}x{args.block}",
+        "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": round(peak["fp32"], 1),
+        "matmul_peak_gflops_bf16": round(peak["bf16"], 1),
+        "train_tokens_per_sec": round(med["train_ours"]),
+        "train_mfu": round(med["train_ours"] * per_token / (peak["fp32"] * 1e9), 4),
+        "train_tokens_per_sec_bf16": round(med["train_ours_bf16"]),
+        "train_bf16_speedup": round(med["train_ours_bf16"] / med["train_ours"], 3),
+        "gpt2_train_tokens_per_sec": round(med["train_gpt2"]),
+        "train_ratio_vs_gpt2": round(med["train_ours"] / med["train_gpt2"], 3),
+        "decode_new_tokens": args.new_tokens,
+        "decode_tokens_per_sec_cached": round(med["decode_cached"], 1),
+        "decode_tokens_per_sec_uncached": round(med["decode_uncached"], 1),
+        "decode_cache_ratio": round(med["decode_cached"] / med["decode_uncached"], 3),
+        "gpt2_generate_tokens_per_sec": round(med["decode_gpt2"], 1),
+        "decode_ratio_vs_gpt2": round(med["decode_cached"] / med["decode_gpt2"], 3),
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Typed configuration: one dataclass per stage, presets (tiny / cpu / gpu), `key=value` overrides.
+
+A stage builds its config with `load_config(PretrainConfig, preset, ["lr=1e-3"])`. Defaults in the
+dataclass are the `cpu` preset (the laptop); `PRESETS` lists what `tiny` and `gpu` change.
+The effective config is saved in every checkpoint's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+
+PRESET_NAMES = ("tiny", "cpu", "gpu")
+
+
+def default_preset() -> str:
+    """`gpu` when CUDA is available, otherwise `cpu`."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class DataConfig:
+    """Size of the generated world (the embedded default data)."""
+
+    n_people: int = 48
+    n_documents: int = 9000  # pretraining documents (train + val)
+    val_fraction: float = 0.05
+    n_sft_dialogues: int = 4000
+    n_sft_val: int = 200
+    n_ranking_prompts: int = 600  # prompts the reward model's ranked samples come from
+    n_ppo_prompts: int = 600
+    n_eval_prompts: int = 200  # held out: gold-judge evaluation of every stage
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(n_people=12, n_documents=600, n_sft_dialogues=300, n_sft_val=24,
+                     n_ranking_prompts=24, n_ppo_prompts=32, n_eval_prompts=16),
+        "gpu": dict(n_people=120, n_documents=60000, n_sft_dialogues=20000, n_sft_val=500,
+                    n_ranking_prompts=3000, n_ppo_prompts=4000, n_eval_prompts=400),
+    }
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 2048  # including the special tokens
+    max_train_chars: int = 20_000_000  # BPE is trained on at most this much text
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(vocab_size=512),
+        "gpu": dict(vocab_size=8192),
+    }
+
+
+@dataclass
+class PretrainConfig:
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 192
+    block_size: int = 256  # context length in tokens
+    dropout: float = 0.0
+    # optimisation
+    batch_size: int = 16  # sequences per optimiser step per process, before accumulation
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    max_steps: int = 3000
+    max_time: float = 0.0  # seconds of training; 0 = no wall-clock budget
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast); auto = bf16 where it is fast
+    # bookkeeping
+    eval_every: int = 250
+    eval_batches: int = 20
+    save_every: int = 250  # resume checkpoint every N steps
+    sample_every: int = 500
+    log_every: int = 10
+    compile: bool = False
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=8, lr=3e-3,
+                     warmup_steps=10, max_steps=120, eval_every=40, eval_batches=4,
+                     save_every=40, sample_every=120),
+        "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=64,
+                    lr=1e-3, warmup_steps=500, max_steps=20000, eval_every=500,
+                    save_every=1000, sample_every=2000, dtype="bfloat16"),
+    }
+
+
+@dataclass
+class SFTConfig:
+    epochs: float = 2.0
+    max_steps: int = -1  # overrides epochs when > 0
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 5e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_length: int = 256
+    packing: bool = False
+    eval_steps: int = 100
+    save_steps: int = 100
+    max_time: float = 0.0
+    # LoRA (PEFT): merged into a plain checkpoint at the end
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "qkv,proj,fc"  # comma-separated module names
+    # evaluation with the gold judge
+    eval_prompts: int = 200
+    fewshot: int = 3  # examples in the base model's few-shot prompt
+    max_new_tokens: int = 48
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(epochs=1.0, max_steps=30, batch_size=8, eval_steps=15, save_steps=15,
+                     eval_prompts=8, max_new_tokens=24, max_length=128),
+        "gpu": dict(epochs=3.0, batch_size=64, lr=2e-4, max_length=512, eval_steps=200,
+                    save_steps=200, eval_prompts=400, max_new_tokens=96),
+    }
+
+
+@dataclass
+class SamplesConfig:
+    k: int = 4  # responses per prompt
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    noise: float = 0.0  # probability that a labeller swaps two adjacent responses
+    batch_size: int = 64
+    policy: str = ""  # checkpoint to sample from; default runs/$RUN/sft
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(max_new_tokens=24, batch_size=32),
+        "gpu": dict(max_new_tokens=96, batch_size=256),
+    }
+
+
+@dataclass
+class RewardConfig:
+    epochs: float = 2.0
+    max_steps: int = -1
+    prompts_per_batch: int = 8  # every pair of one prompt sits in the same batch
+    lr: float = 1e-4
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_length: int = 256
+    val_fraction: float = 0.15
+    eval_steps: int = 50
+    save_steps: int = 50
+    max_time: float = 0.0
+    sources: str = "judge"  # judge | human | both
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(epochs=1.0, max_steps=12, prompts_per_batch=4, eval_steps=6,
+                     save_steps=6, max_length=128, val_fraction=0.25),
+        "gpu": dict(epochs=2.0, prompts_per_batch=32, lr=5e-5, max_length=512),
+    }
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 40  # rollout + update iterations
+    prompts_per_step: int = 64  # rollouts per step (global)
+    minibatch_size: int = 16
+    ppo_epochs: int = 2
+    lr: float = 1e-5
+    value_lr: float = 5e-5
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    value_coef: float = 0.5
+    grad_clip: float = 1.0
+    kl_coef: float = 0.05  # β: the initial coefficient of the per-token KL penalty
+    kl_estimator: str = "k1"  # k1 | k3
+    adaptive_kl: bool = True
+    kl_target: float = 4.0  # nats per response: the KL budget the adaptive β steers to
+    kl_horizon: int = 20
+    reward_clip: float = 5.0  # normalised reward-model score is clipped to ±this
+    no_end_penalty: float = -1.0  # added to the score of a response that never ends
+    target_approx_kl: float = 0.05  # stop this update's epochs early past this
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed in
+    eval_every: int = 10
+    eval_prompts: int = 100
+    save_every: int = 10
+    max_time: float = 0.0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(steps=4, prompts_per_step=16, minibatch_size=8, max_new_tokens=16,
+                     eval_every=2, eval_prompts=8, save_every=2),
+        "gpu": dict(steps=200, prompts_per_step=256, minibatch_size=64, max_new_tokens=96,
+                    eval_every=20, eval_prompts=400, save_every=20),
+    }
+
+
+def load_config(cls, preset: str = "cpu", overrides: typing.Iterable[str] = ()):
+    """The config of `cls` for a preset, with `key=value` overrides applied (typed)."""
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {preset!r}: expected one of {', '.join(PRESET_NAMES)}")
+    config = cls(**cls.PRESETS.get(preset, {}))
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides: typing.Iterable[str]):
+    """Return a copy of `config` with each `key=value` parsed to the field's type."""
+    types = typing.get_type_hints(type(config))
+    names = [f.name for f in fields(config)]
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in names:
+            raise ValueError(f"override {item!r}: {type(config).__name__} has no field {key!r}; "
+                             f"fields are: {', '.join(names)}")
+        changes[key] = _parse(value.strip(), types[key], item)
+    return dataclasses.replace(config, **changes)
+
+
+def _parse(value: str, kind, item: str):
+    try:
+        if kind is bool:
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"override {item!r}: expected a {kind.__name__}") from None
+
+
+def split_overrides(args: typing.Iterable[str], config_classes) -> list[list[str]]:
+    """Route each `key=value` to the config class that has that field (first match wins).
+
+    Lets one ARGS string carry overrides for a stage and the configs it shares (e.g. pretrain's
+    model and tokenizer). Unknown keys are an error naming every class searched.
+    """
+    routed = [[] for _ in config_classes]
+    for item in args:
+        key = item.split("=", 1)[0].strip()
+        for i, cls in enumerate(config_classes):
+            if key in {f.name for f in fields(cls)}:
+                routed[i].append(item)
+                break
+        else:
+            names = ", ".join(c.__name__ for c in config_classes)
+            raise ValueError(f"override {item!r}: no field {key!r} in {names}")
+    return routed
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+__all__ = [
+    "DataConfig", "TokenizerConfig", "PretrainConfig", "SFTConfig", "SamplesConfig",
+    "RewardConfig", "PPOConfig", "load_config", "apply_overrides", "split_overrides",
+    "default_preset", "to_dict", "PRESET_NAMES", "field",
+]

@@ -1,0 +1,121 @@
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+import minigpt  # noqa: F401  (registers the Auto classes)
+from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
+from minigpt.sampling import KVCache, SamplingConfig, generate
+
+torch.manual_seed(0)
+CONFIG = MiniGPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=64, pad_token_id=0)
+
+
+def model():
+    torch.manual_seed(0)
+    return MiniGPTForCausalLM(CONFIG).eval()
+
+
+def test_logits_shape_and_tied_head():
+    m = model()
+    x = torch.randint(1, 97, (3, 11))
+    assert m(x).logits.shape == (3, 11, 97)
+    assert m.lm_head.weight is m.model.wte.weight
+
+
+def test_a_later_token_never_changes_an_earlier_logit():
+    m = model()
+    x = torch.randint(1, 97, (2, 12))
+    changed = x.clone()
+    changed[:, 7:] = torch.randint(1, 97, (2, 5))
+    assert torch.allclose(m(x).logits[:, :7], m(changed).logits[:, :7], atol=1e-6)
+    assert not torch.allclose(m(x).logits[:, 7:], m(changed).logits[:, 7:])
+
+
+def test_left_padded_batch_equals_unpadded():
+    m = model()
+    a, b = torch.randint(1, 97, (1, 9)), torch.randint(1, 97, (1, 5))
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    batch[0], batch[1, 4:] = a[0], b[0]
+    mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()
+    out = m(batch, attention_mask=mask).logits
+    assert torch.allclose(out[0], m(a).logits[0], atol=1e-5)
+    assert torch.allclose(out[1, 4:], m(b).logits[0], atol=1e-5)
+    assert torch.isfinite(out).all()
+
+
+def test_packed_sequences_equal_separate_ones():
+    m = model()
+    a, b = torch.randint(1, 97, (6,)), torch.randint(1, 97, (4,))
+    packed = torch.cat([a, b])[None]
+    positions = torch.cat([torch.arange(6), torch.arange(4)])[None]
+    out = m(packed, position_ids=positions).logits[0]
+    assert torch.allclose(out[:6], m(a[None]).logits[0], atol=1e-5)
+    assert torch.allclose(out[6:], m(b[None]).logits[0], atol=1e-5)
+
+
+def test_cached_decoding_matches_uncached():
+    m = model()
+    prompt = torch.randint(1, 97, (2, 5))
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0)
+    cached = generate(m, prompt.tolist(), greedy).tokens
+    sequence = prompt.clone()
+    for _ in range(12):  # uncached: the whole sequence every step
+        sequence = torch.cat([sequence, m(sequence).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert cached == sequence[:, 5:].tolist()
+
+
+def test_cached_decoding_of_a_left_padded_batch_matches_each_prompt_alone():
+    m = model()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12]]
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0)
+    together = generate(m, prompts, greedy).tokens
+    alone = [generate(m, [p], greedy).tokens[0] for p in prompts]
+    assert together == alone
+
+
+def test_generate_of_transformers_works_with_our_model():
+    m = model()
+    out = m.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=6, do_sample=False)
+    ours = generate(m, [[3, 4, 5]], SamplingConfig(max_new_tokens=6, temperature=0)).tokens[0]
+    assert out[0, 3:].tolist() == ours
+
+
+def test_from_pretrained_round_trip(tmp_path):
+    m = model()
+    m.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is MiniGPTForCausalLM
+    x = torch.randint(1, 97, (2, 7))
+    assert torch.equal(loaded(x).logits, m(x).logits)
+
+
+def test_sequence_classifier_reads_the_last_real_token(tmp_path):
+    model().save_pretrained(tmp_path)
+    scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1).eval()
+    assert type(scorer) is MiniGPTForSequenceClassification
+    x = torch.randint(1, 97, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 6)], 1).long()
+    assert torch.allclose(scorer(x).logits, scorer(padded, attention_mask=mask).logits, atol=1e-5)
+    right = torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], 1)
+    assert torch.allclose(scorer(x).logits, scorer(right, attention_mask=mask.flip(1)).logits, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x = torch.randint(1, 97, (2, 10))
+    grads = []
+    for checkpointing in (False, True):
+        m = model().train()
+        if checkpointing:
+            m.gradient_checkpointing_enable()  # the spelling TRL and PEFT call
+        m(x, labels=x).loss.backward()
+        grads.append(m.model.blocks[0].attn.qkv.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_kv_cache_prefill_in_chunks_matches_whole():
+    m = model()
+    x = torch.randint(1, 97, (1, 10))
+    cache = KVCache(CONFIG, 1, 10, "cpu", torch.float32)
+    first = m(x[:, :6], past_key_values=cache, use_cache=True).logits
+    second = m(x[:, 6:], past_key_values=cache, use_cache=True).logits
+    assert torch.allclose(torch.cat([first, second], 1), m(x).logits, atol=1e-5)
