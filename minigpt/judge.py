@@ -24,18 +24,20 @@ Components
 - concise:  1 up to the reference answer's length plus a little slack; every further word costs
             1/12, so filler loses points smoothly and a very long answer loses them all.
 - clean:    a product of four checks: ends on . ! or ? (else x0.5); the model emitted its end of turn,
-            `finished` (else x0.5); no repeated words or 3-grams (x0 when most of it repeats); no
-            run-on sentence (x0 at 60 words without a full stop).
+            `finished` (else x0.5); no repetition - a word right after itself, a 3-gram or a whole
+            sentence said again (x0 once 40% of it repeats); no run-on sentence (x0 at 60 words
+            without a full stop).
 
 Combination. Each style flaw removes a fixed share of the credit, independently of the others, and
 being wrong caps the score at 0.2 - fluency is worth something, never as much as being right:
 
-    style = (1 - 0.25 (1 - complete)) * (1 - 0.35 (1 - concise)) * (1 - 0.40 (1 - clean))
+    style = (1 - 0.25 (1 - complete)) * (1 - 0.35 (1 - concise)) * (1 - 0.50 (1 - clean))
     score = style * (0.2 + 0.8 * correct)
 
 What that gives (tested in tests/test_judge.py): a good short sentence ~1.0; correct but padded
-~0.65-0.75; a bare lowercase answer ~0.6-0.7; a fluent wrong answer 0.2; every candidate listed
-<= 0.2; the right sentence said five times ~0.4; an empty response 0.
+~0.65-0.75; a bare lowercase answer ~0.55-0.65; a fluent wrong answer 0.2; every candidate listed
+<= 0.2; the right sentence said twice <= 0.5, five times ~0.35; a good sentence never finished 0.75;
+an empty response 0.
 
 Matching is on words: lowercase, possessive 's and trailing punctuation dropped, plurals folded
 ("apples" = "apple"), and number words read as numbers ("twenty-one" = "21"). A number word such as
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import re
 
-STYLE_WEIGHTS = {"complete": 0.25, "concise": 0.35, "clean": 0.40}
+STYLE_WEIGHTS = {"complete": 0.25, "concise": 0.35, "clean": 0.50}
 WRONG_CREDIT = 0.2  # the most a wrong answer can score
 CONCISE_WORD_COST = 1 / 12  # per word past the reference length plus slack
 RUN_ON_WORDS = 30  # a sentence longer than this starts to lose `clean`; twice this loses it all
@@ -207,14 +209,18 @@ def cleanliness(record: dict, response: str, tokens: list[str], finished: bool) 
     # the repeat instruction asks for one word many times: that word is not a flaw there
     exempt = set(words(record["word"])) if record.get("check") == "repeat" else set()
     kept = [t for t in tokens if t not in exempt]
-    repetition = max(0.0, 1.0 - 2.5 * _repeated_share(kept))
+    sentences = [tuple(w for w in words(part) if w not in exempt) for part in _SENTENCE_END.split(response)]
+    sentences = [sentence for sentence in sentences if sentence]
+    repeated_sentences = 1 - len(set(sentences)) / len(sentences) if sentences else 0.0
+    repetition = max(0.0, 1.0 - 2.5 * max(_repeated_share(kept), repeated_sentences))
     longest = max((len(words(s)) for s in _SENTENCE_END.split(response)), default=0)
     run_on = min(1.0, max(0.0, 1.0 - (longest - RUN_ON_WORDS) / RUN_ON_WORDS))
     return terminal * ended * repetition * run_on
 
 
 def _repeated_share(tokens: list[str]) -> float:
-    """The larger of: the share of 3-grams seen before, the share of words equal to the previous one."""
+    """The larger of: the share of 3-grams seen before, the share of words equal to the previous one.
+    (Whole sentences said again are counted by the caller.)"""
     trigrams = [tuple(tokens[i:i + 3]) for i in range(len(tokens) - 2)]
     repeated_trigrams = 1 - len(set(trigrams)) / len(trigrams) if trigrams else 0.0
     stutters = sum(a == b and not a.isdigit() for a, b in zip(tokens, tokens[1:]))

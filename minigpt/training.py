@@ -51,16 +51,20 @@ def configure_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available() or None)
 
 
-def warmup_cosine(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
-    """Linear warmup, then cosine decay to `min_ratio` of the peak learning rate."""
+def lr_multiplier(step: int, warmup_steps: int, max_steps: int, elapsed: float = 0.0, max_time: float = 0.0,
+                  min_ratio: float = 0.1) -> float:
+    """Linear warmup, then cosine decay to `min_ratio` over whichever budget ends first.
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    With a wall-clock budget (`max_time`), progress is the larger of the step and time fractions, so
+    a run told to train for ten minutes still finishes its decay instead of stopping at a high rate.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if max_time:
+        progress = max(progress, elapsed / max_time)
+    progress = min(1.0, progress)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def count_parameters(model) -> int:

@@ -27,7 +27,7 @@ from minigpt.sampling import SamplingConfig, generate
 from minigpt.token_data import TokenBlocks, cache_key, cached_tokens, token_stats
 from minigpt.tokenizer import Tokenizer
 from minigpt.training import (configure_optimizer, count_parameters, make_accelerator, resolve_dtype,
-                              seed_everything, warmup_cosine)
+                              lr_multiplier, seed_everything)
 
 log = logging.getLogger("minigpt.pretrain")
 SAMPLE_PROMPTS = ["Once upon a time", "The market in", "3 plus 4 is"]
@@ -64,10 +64,9 @@ def main():
                                  pad_token_id=tokenizer.pad_id)
     model = MiniGPTForCausalLM(model_config)
     optimizer = configure_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2))
-    scheduler = warmup_cosine(optimizer, config.warmup_steps, config.max_steps, config.min_lr_ratio)
     # A resumed run must have the same config (a new wall-clock budget is fine).
     resume_key = {k: v for k, v in to_dict(config).items() if k != "max_time"}
-    state = load_resume_state(out, model, optimizer, scheduler, expect={"config": resume_key})
+    state = load_resume_state(out, model, optimizer, expect={"config": resume_key})
     start_step = state["step"] if state else 0
     elapsed_before = state["elapsed"] if state else 0.0
     train_tokens_seen = state["train_tokens"] if state else 0
@@ -119,7 +118,7 @@ def main():
     def save(step, elapsed):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_resume_state(out, accelerator.unwrap_model(model), optimizer, scheduler,
+            save_resume_state(out, accelerator.unwrap_model(model), optimizer, None,
                               {"step": step, "elapsed": elapsed, "train_tokens": train_tokens_seen,
                                "config": resume_key})
         accelerator.wait_for_everyone()
@@ -136,6 +135,10 @@ def main():
             if config.max_time and elapsed >= config.max_time:
                 log.info("wall-clock budget of %.0fs reached at step %d", config.max_time, step)
                 break
+            lr = config.lr * lr_multiplier(step, config.warmup_steps, config.max_steps, elapsed, config.max_time,
+                                           config.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             offsets = train.random_offsets(step, global_batch, args.seed)
             mine = offsets[rank * per_process:(rank + 1) * per_process]
             step_loss = 0.0
@@ -150,13 +153,12 @@ def main():
             if config.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             train_tokens_seen += tokens_per_step
             if step % config.log_every == 0 or step == 1:
                 rate = (step - start_step) * tokens_per_step / max(1e-9, time.time() - started)
-                metrics.log(step=step, train_loss=step_loss, lr=scheduler.get_last_lr()[0], tokens_per_sec=rate,
+                metrics.log(step=step, train_loss=step_loss, lr=lr, tokens_per_sec=rate,
                             train_tokens=train_tokens_seen)
                 bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{rate:,.0f}")
             if step % config.eval_every == 0:
@@ -180,7 +182,8 @@ def main():
              "train_time_sec": round(train_time, 1), "world_size": world, "dtype": dtype}
     if accelerator.is_main_process:
         metrics.log(step=step, val_loss=val_loss, val_bpb=val_bpb)
-        write_samples(step)
+        if step % config.sample_every:
+            write_samples(step)
         raw = accelerator.unwrap_model(model)
         manifest = make_manifest("pretrain", config, args, parent=None, data_files=[source], metrics=final,
                                  tokenizer=str(tokenizer_dir))

@@ -1,0 +1,382 @@
+"""PPO for language models, written out: rollouts, KL penalty, GAE, clipped losses, the health verdict.
+
+One PPO step (InstructGPT / Ziegler et al. 2019):
+  1. rollout   — the policy answers a batch of prompts (the library's KV-cached sampler);
+  2. score     — the frozen reward model scores each answer (normalised with the reward stage's
+                 mean/std, clipped; an answer that never ends is penalised);
+  3. rewards   — per token: −β·KL(policy‖reference) at every token, plus the score at the last one;
+  4. advantage — GAE(γ, λ) with the value model's estimates, whitened over the global batch;
+  5. update    — a few epochs over minibatches of the clipped policy loss and clipped value loss,
+                 stopped early when the policy moved too far (approximate KL past a bound);
+  6. β         — adapted so the KL to the reference stays near its target.
+
+Tensors of a rollout are (B, R): B responses, R response positions; `mask` marks real tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.sampling import SamplingConfig, generate, left_pad
+
+log = logging.getLogger(__name__)
+
+
+# ---- the pieces, each small enough to check by hand ----------------------------------------------
+
+def kl_penalty(logprobs, ref_logprobs, estimator: str = "k1"):
+    """Per-token KL(policy‖reference) estimate from sampled tokens (Schulman's k1 or k3)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio  # unbiased, can be negative per token
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio  # unbiased, always ≥ 0, lower variance
+    raise ValueError(f"kl_estimator={estimator!r}: expected k1 or k3")
+
+
+def masked_mean(x, mask, dim=None):
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1) if dim is not None else (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x, mask, accelerator=None, shift_mean=True):
+    """Normalise to mean 0, std 1 over the real tokens of the *global* batch (all processes)."""
+    total = torch.stack([(x * mask).sum(), mask.sum()])
+    if accelerator is not None and accelerator.num_processes > 1:
+        total = accelerator.reduce(total, reduction="sum")
+    mean = total[0] / total[1].clamp(min=1)
+    squares = (((x - mean) ** 2) * mask).sum()
+    if accelerator is not None and accelerator.num_processes > 1:
+        squares = accelerator.reduce(squares, reduction="sum")
+    var = squares / total[1].clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (out if shift_mean else out + mean) * mask
+
+
+def gae_advantages(rewards, values, mask, gamma: float, lam: float):
+    """Generalised advantage estimation, backwards over response positions.
+
+    δ_t = r_t + γ·V_{t+1} − V_t (V after the last real token is 0); A_t = δ_t + γλ·A_{t+1}.
+    Returns (advantages, returns = advantages + values), zero where mask is 0.
+    """
+    B, R = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, device=rewards.device)
+    next_advantage = torch.zeros(B, device=rewards.device)
+    for t in reversed(range(R)):
+        real = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * real
+        # padding positions pass the future through untouched
+        next_value = torch.where(real.bool(), values[:, t], next_value)
+        next_advantage = torch.where(real.bool(), advantage, next_advantage)
+    return advantages, (advantages + values) * mask
+
+
+def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
+    """PPO's clipped surrogate; also returns the clip fraction and the approximate KL (old‖new)."""
+    log_ratio = logprobs - old_logprobs
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(ratio - 1 - log_ratio, mask)  # k3 estimator, ≥ 0
+    return loss, clip_fraction, approx_kl
+
+
+def clipped_value_loss(values, old_values, returns, mask, clip_range: float):
+    """Value loss with the new prediction kept within clip_range of the old one (PPO2)."""
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+class AdaptiveKLController:
+    """β follows the measured KL toward a target (Ziegler et al. 2019): proportional, clipped ±20%."""
+
+    def __init__(self, beta: float, target: float, horizon: int, adaptive: bool = True):
+        self.beta, self.target, self.horizon, self.adaptive = beta, target, horizon, adaptive
+
+    def update(self, kl: float, n_steps: int = 1) -> None:
+        if self.adaptive and self.target > 0:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.beta *= 1 + error * n_steps / self.horizon
+
+    def state_dict(self):
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state):
+        self.beta = state["beta"]
+
+
+def repetition_rate(tokens: list[int], n: int = 3) -> float:
+    """Share of the response's n-grams that already appeared earlier in it."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
+
+
+# ---- model passes ----------------------------------------------------------------------------------
+
+def response_logprobs(model, ids, attention_mask, prompt_width: int, with_entropy: bool = False):
+    """Log-probabilities (B, R) of the response tokens, from the logits one position earlier."""
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, prompt_width - 1:-1].float()
+    logprobs = torch.log_softmax(logits, -1)
+    chosen = logprobs.gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
+    if not with_entropy:
+        return chosen
+    return chosen, -(logprobs.exp() * logprobs).sum(-1)
+
+
+class TokenValueModel(torch.nn.Module):
+    """The value model: the reward model's backbone and score head, read at every position.
+
+    A module of its own (not a call into the backbone) so DDP sees its forward and syncs gradients.
+    """
+
+    def __init__(self, scorer):
+        super().__init__()
+        self.scorer = scorer  # a MiniGPTForSequenceClassification, initialised from the reward model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.scorer.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.scorer.score(hidden).squeeze(-1).float()  # (B, T)
+
+
+def token_values(value_model, ids, attention_mask, prompt_width: int):
+    """V of the state before each response token, (B, R)."""
+    return value_model(ids, attention_mask)[:, prompt_width - 1:-1]
+
+
+# ---- a rollout ---------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor  # (B, P+R) left-padded prompt, then the response (incl. its end token)
+    attention_mask: torch.Tensor  # (B, P+R)
+    prompt_width: int  # P
+    mask: torch.Tensor  # (B, R) real response tokens
+    response_tokens: list[list[int]]  # without the end token
+    finished: list[bool]
+    logprobs: torch.Tensor  # (B, R) under the policy that sampled
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor  # (B,) the reward before the KL penalty (normalised, clipped, penalised)
+    raw_scores: torch.Tensor  # (B,) what the reward function returned
+    kl: torch.Tensor  # (B, R) per-token KL estimate
+    rewards: torch.Tensor = None
+    advantages: torch.Tensor = None
+    returns: torch.Tensor = None
+
+
+@torch.no_grad()
+def make_rollout(policy, reference, value_model, reward_fn, prompts: list[list[int]], config, tokenizer,
+                 generator=None) -> Rollout:
+    """Sample answers to `prompts` and evaluate everything PPO needs about them.
+
+    `reward_fn(response_tokens, finished) -> (B,) tensor of raw scores` (the reward model, or a toy).
+    """
+    sampling = SamplingConfig(config.max_new_tokens, config.temperature, config.top_k, config.top_p)
+    policy.eval()
+    out = generate(policy, prompts, sampling, stop_ids=[tokenizer.end_id], pad_id=tokenizer.pad_id,
+                   generator=generator)
+    device = next(policy.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, device)
+    responses = [t + ([tokenizer.end_id] if f else []) for t, f in zip(out.tokens, out.finished)]
+    R = max(1, max(len(r) for r in responses))
+    response_ids = torch.full((len(prompts), R), tokenizer.pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), R), device=device)
+    for row, r in enumerate(responses):
+        response_ids[row, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[row, :len(r)] = 1
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    attention_mask = torch.cat([prompt_mask, mask.long()], 1)
+    P = prompt_ids.size(1)
+
+    logprobs = response_logprobs(policy, ids, attention_mask, P) * mask
+    ref_logprobs = response_logprobs(reference, ids, attention_mask, P) * mask
+    values = token_values(value_model, ids, attention_mask, P) * mask
+    raw = reward_fn(out.tokens, out.finished).to(device).float()
+    scores = raw.clamp(-config.reward_clip, config.reward_clip)
+    scores = scores + torch.tensor([0.0 if f else config.no_end_penalty for f in out.finished], device=device)
+    kl = kl_penalty(logprobs, ref_logprobs, config.kl_estimator) * mask
+    return Rollout(ids, attention_mask, P, mask, out.tokens, out.finished, logprobs, ref_logprobs, values,
+                   scores, raw, kl)
+
+
+def assign_rewards(rollout: Rollout, beta: float, config, accelerator=None) -> None:
+    """Per-token rewards (−β·KL, plus the score on the last token), GAE, whitened advantages."""
+    rewards = -beta * rollout.kl
+    last = (rollout.mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(len(last)), last] += rollout.scores
+    advantages, returns = gae_advantages(rewards, rollout.values, rollout.mask, config.gamma, config.lam)
+    rollout.rewards = rewards
+    rollout.advantages = whiten(advantages, rollout.mask, accelerator)
+    rollout.returns = returns
+
+
+def ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout: Rollout, config,
+               accelerator, ptx_batch_fn=None, generator=None) -> dict:
+    """PPO epochs over minibatches; stops early when the approximate KL passes its bound."""
+    policy.train()
+    value_model.train()
+    B = rollout.ids.size(0)
+    stats = {"policy_loss": [], "value_loss": [], "entropy": [], "approx_kl": [], "clip_fraction": [],
+             "ptx_loss": []}
+    stopped_early = False
+    for epoch in range(config.ppo_epochs):
+        order = torch.randperm(B, generator=generator)
+        for start in range(0, B, config.minibatch_size):
+            idx = order[start:start + config.minibatch_size].to(rollout.ids.device)
+            ids, attention, mask = rollout.ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
+            logprobs, entropy = response_logprobs(policy, ids, attention, rollout.prompt_width, with_entropy=True)
+            loss, clip_fraction, approx_kl = clipped_policy_loss(
+                logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, config.clip_range)
+            if ptx_batch_fn is not None and config.ptx_coef > 0:  # PPO-ptx: keep the pretraining skill
+                inputs, targets = ptx_batch_fn()
+                logits = policy(input_ids=inputs.to(ids.device)).logits
+                ptx = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.to(ids.device).reshape(-1))
+                loss = loss + config.ptx_coef * ptx
+                stats["ptx_loss"].append(ptx.item())
+            policy_optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(policy.parameters(), config.grad_clip)
+            policy_optimizer.step()
+
+            values = token_values(value_model, ids, attention, rollout.prompt_width)
+            v_loss = config.value_coef * clipped_value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
+                                                            config.clip_range_value)
+            value_optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(v_loss)
+            accelerator.clip_grad_norm_(value_model.parameters(), config.grad_clip)
+            value_optimizer.step()
+
+            stats["policy_loss"].append(loss.item())
+            stats["value_loss"].append(v_loss.item())
+            stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
+            stats["clip_fraction"].append(clip_fraction.item())
+            stats["approx_kl"].append(approx_kl.item())
+        kl_now = torch.tensor(stats["approx_kl"][-1], device=rollout.ids.device)
+        if accelerator.num_processes > 1:
+            kl_now = accelerator.reduce(kl_now, reduction="mean")
+        if kl_now.item() > config.target_approx_kl:
+            stopped_early = epoch < config.ppo_epochs - 1
+            break
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out["early_stop"] = float(stopped_early)
+    return out
+
+
+def rollout_stats(rollout: Rollout, accelerator=None) -> dict:
+    """What one rollout says about the policy: score, KL, length, ends, repetition, value fit."""
+    mask = rollout.mask
+    returns, values = rollout.returns, rollout.values
+    real = mask.bool()
+    var_returns = returns[real].var() if real.sum() > 1 else torch.tensor(0.0)
+    explained = 1 - (returns[real] - values[real]).var() / var_returns if var_returns > 0 else torch.tensor(0.0)
+    stats = {
+        "rm_score": rollout.raw_scores.mean().item(),
+        "score": rollout.scores.mean().item(),
+        "kl": rollout.kl.sum(1).mean().item(),  # nats per response
+        "response_length": mask.sum(1).mean().item(),
+        "end_rate": sum(rollout.finished) / len(rollout.finished),
+        "repetition_rate": sum(repetition_rate(t) for t in rollout.response_tokens) / len(rollout.response_tokens),
+        "explained_variance": explained.item(),
+    }
+    if accelerator is not None and accelerator.num_processes > 1:
+        keys = list(stats)
+        reduced = accelerator.reduce(torch.tensor([stats[k] for k in keys], device=rollout.ids.device), "mean")
+        stats = dict(zip(keys, reduced.tolist()))
+    return stats
+
+
+# ---- the verdict -------------------------------------------------------------------------------------
+
+def health_verdict(before: dict, after: dict, kl_budget: float, history: list[dict]) -> tuple[bool, list[str]]:
+    """Plain-words health of a PPO run, from held-out evaluations of the SFT and PPO policies.
+
+    `before`/`after`: {rm_score, gold_score, length, repetition, distinct, end_rate, kl}.
+    """
+    lines, healthy = [], True
+
+    def check(ok: bool, good: str, bad: str):
+        nonlocal healthy
+        healthy &= ok
+        lines.append(("ok    " if ok else "WARN  ") + (good if ok else bad))
+
+    rise = after["rm_score"] - before["rm_score"]
+    check(rise > 0, f"reward rose: reward-model score {before['rm_score']:+.3f} -> {after['rm_score']:+.3f}",
+          f"reward did not rise: reward-model score {before['rm_score']:+.3f} -> {after['rm_score']:+.3f}")
+    check(after["kl"] <= kl_budget, f"KL to the SFT model {after['kl']:.2f} nats/response, within the budget of {kl_budget:.1f}",
+          f"KL to the SFT model {after['kl']:.2f} nats/response is over the budget of {kl_budget:.1f}")
+    check(after["length"] <= 1.5 * before["length"] + 2 and after["end_rate"] >= min(0.9, before["end_rate"] - 0.1),
+          f"length stayed in bounds ({before['length']:.1f} -> {after['length']:.1f} tokens, "
+          f"{after['end_rate']:.0%} of answers end)",
+          f"length ran away ({before['length']:.1f} -> {after['length']:.1f} tokens, "
+          f"{after['end_rate']:.0%} of answers end)")
+    check(after["repetition"] <= before["repetition"] + 0.1,
+          f"no repetition blow-up ({before['repetition']:.2f} -> {after['repetition']:.2f} repeated 3-grams)",
+          f"repetition grew ({before['repetition']:.2f} -> {after['repetition']:.2f} repeated 3-grams)")
+    check(after["distinct"] >= 0.5 * before["distinct"],
+          f"no collapse: {after['distinct']:.0%} of answers to different prompts are distinct "
+          f"(SFT {before['distinct']:.0%})",
+          f"the policy collapsed: only {after['distinct']:.0%} of answers are distinct (SFT {before['distinct']:.0%})")
+    gold_change = after["gold_score"] - before["gold_score"]
+    if rise > 0 and gold_change < -0.02:
+        check(False, "", f"REWARD HACKING: the reward model's score rose ({rise:+.3f}) while the gold judge's "
+                         f"fell ({gold_change:+.3f}); the policy found what the reward model wrongly likes")
+    else:
+        check(gold_change >= -0.02, f"the gold judge agrees: gold score {before['gold_score']:.3f} -> "
+                                    f"{after['gold_score']:.3f} ({gold_change:+.3f})",
+              f"gold score fell: {before['gold_score']:.3f} -> {after['gold_score']:.3f}")
+    if history:
+        golds = [h["gold_score"] for h in history if "gold_score" in h]
+        if len(golds) >= 3 and max(golds) - golds[-1] > 0.05:
+            lines.append(f"note  gold score peaked at {max(golds):.3f} before the end ({golds[-1]:.3f}): "
+                         f"fewer steps or a smaller KL target may do better")
+    lines.insert(0, "VERDICT: healthy — PPO improved the policy without signs of trouble" if healthy
+                 else "VERDICT: needs attention — see the warnings below")
+    return healthy, lines
+
+
+def answer_profile(answers, tokenizer) -> dict:
+    """Length, repetition, distinctness and end rate of a set of answers (for the verdict)."""
+    tokens = [tokenizer.encode(a) for a in answers.responses]
+    n = max(1, len(tokens))
+    return {"length": sum(len(t) for t in tokens) / n,
+            "repetition": sum(repetition_rate(t) for t in tokens) / n,
+            "distinct": len(set(answers.responses)) / n,
+            "end_rate": sum(answers.finished) / n}
+
+
+def kl_to_reference(policy, reference, tokenizer, prompts, answers, batch_size: int = 64) -> list[float]:
+    """Per-response KL (nats, k1 summed over tokens) of `answers` between policy and reference."""
+    device = next(policy.parameters()).device
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            texts = answers[start:start + batch_size]
+            prompt_ids, prompt_mask = left_pad(chunk, tokenizer.pad_id, device)
+            responses = [tokenizer.encode(t) + [tokenizer.end_id] for t in texts]
+            R = max(len(r) for r in responses)
+            response_ids = torch.full((len(chunk), R), tokenizer.pad_id, dtype=torch.long, device=device)
+            mask = torch.zeros((len(chunk), R), device=device)
+            for row, r in enumerate(responses):
+                response_ids[row, :len(r)] = torch.tensor(r)
+                mask[row, :len(r)] = 1
+            ids = torch.cat([prompt_ids, response_ids], 1)
+            attention = torch.cat([prompt_mask, mask.long()], 1)
+            P = prompt_ids.size(1)
+            kl = (response_logprobs(policy, ids, attention, P) - response_logprobs(reference, ids, attention, P)) * mask
+            out.extend(kl.sum(1).tolist())
+    return out
+
+
+def finite(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")

@@ -1,0 +1,99 @@
+"""What the TRL-trained stages (SFT, reward) share: the run-dir mechanics wired into a HF Trainer.
+
+One callback gives every Trainer the library's behaviour: metrics to `metrics.jsonl`, Ctrl-C saves a
+Trainer checkpoint and stops (exit 130; the same command resumes), a wall-clock budget ends
+training cleanly. Trainer checkpoints live in `<stage>/trainer/` and are removed once the stage
+has written its final checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from minigpt.run import GracefulInterrupt, MetricsLog
+
+log = logging.getLogger(__name__)
+
+TRAINER_DIR = "trainer"
+
+
+class StageCallback(TrainerCallback):
+    def __init__(self, metrics: MetricsLog, interrupt: GracefulInterrupt, max_time: float = 0.0):
+        self.metrics, self.interrupt, self.max_time = metrics, interrupt, max_time
+        self.started = time.time()
+        self.interrupted = False
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            values = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            self.metrics.log(**{"step": state.global_step, "epoch": round(state.epoch or 0, 4), **values})
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupt.requested:
+            self.interrupted = True
+            control.should_save = True
+            control.should_training_stop = True
+        elif self.max_time and time.time() - self.started >= self.max_time:
+            log.info("wall-clock budget of %.0fs reached at step %d", self.max_time, state.global_step)
+            control.should_training_stop = True
+        return control
+
+
+def latest_checkpoint(out_dir: Path) -> str | None:
+    """The newest `checkpoint-N` folder of an interrupted Trainer run, or None."""
+    folder = Path(out_dir) / TRAINER_DIR
+    if not folder.exists():
+        return None
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").exists()]
+    return str(max(found)[1]) if found else None
+
+
+def clear_trainer_checkpoints(out_dir: Path) -> None:
+    shutil.rmtree(Path(out_dir) / TRAINER_DIR, ignore_errors=True)
+
+
+def common_training_arguments(out_dir: Path, config, seed: int, steps_per_epoch_hint: int = 0) -> dict:
+    """TrainingArguments shared by the TRL stages, from a stage config with the usual fields."""
+    import torch
+
+    return dict(
+        output_dir=str(Path(out_dir) / TRAINER_DIR),
+        learning_rate=config.lr,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_ratio,  # < 1: a fraction of the training steps
+        weight_decay=config.weight_decay,
+        logging_steps=max(1, min(10, config.eval_steps // 2)),
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        log_level="warning",
+    )
+
+
+def run_trainer(trainer, out_dir: Path, callback: StageCallback):
+    """Train, resuming from the newest Trainer checkpoint if an earlier run was interrupted."""
+    resume = latest_checkpoint(out_dir)
+    if resume:
+        log.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    if callback.interrupted:
+        from minigpt.run import exit_interrupted
+
+        exit_interrupted(Path(out_dir) / TRAINER_DIR)

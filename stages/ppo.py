@@ -1,0 +1,196 @@
+"""Stage 4 — PPO: the dialogue model learns to write answers the reward model prefers, on a KL leash.
+
+    python stages/ppo.py --run default --preset cpu [steps=40 kl_target=4 lora=true ...]
+
+Policy and frozen reference from runs/<RUN>/sft, frozen reward model and value model (initialised
+from it) from runs/<RUN>/reward; prompts from the run's PPO prompt set. The algorithm is in
+minigpt/ppo.py. Before and after, the held-out evaluation prompts are answered and scored by the
+reward model and the gold judge; the stage ends with a plain-words health verdict.
+Writes runs/<RUN>/ppo/ (or --out for an RLHF round).
+"""
+
+import copy
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from minigpt.checkpoint import (clear_resume_state, load_causal_lm, load_resume_state, load_sequence_classifier,
+                                make_manifest, read_manifest, save_model, save_resume_state)
+from minigpt.config import PPOConfig, load_config, to_dict
+from minigpt.data import load_prompts
+from minigpt.evaluation import answer_chat, judge_answers, log_examples
+from minigpt.ppo import (AdaptiveKLController, TokenValueModel, answer_profile, assign_rewards, health_verdict,
+                         kl_to_reference, make_rollout, ppo_update, rollout_stats)
+from minigpt.reward_model import score_conversations
+from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves,
+                         require_stage, setup_logging, write_json_atomic, write_text_atomic)
+from minigpt.tokenizer import Tokenizer
+from minigpt.training import make_accelerator, seed_everything
+
+log = logging.getLogger("minigpt.ppo")
+
+
+def extra_arguments(parser):
+    parser.add_argument("--policy", default="", help="policy to start from (default runs/<RUN>/sft)")
+    parser.add_argument("--reward", default="", help="reward model (default runs/<RUN>/reward)")
+    parser.add_argument("--out", default="", help="output folder (default runs/<RUN>/ppo)")
+
+
+def main():
+    args = parse_stage_args("ppo", extra=extra_arguments)
+    config = load_config(PPOConfig, args.preset, args.overrides)
+    accelerator = make_accelerator()
+    out = Path(args.namespace.out) if args.namespace.out else args.out_dir
+    setup_logging(out, accelerator.is_main_process)
+    seed_everything(args.seed + accelerator.process_index)
+    sft_dir = require_stage(args, "sft")
+    policy_dir = Path(args.namespace.policy) if args.namespace.policy else sft_dir
+    reward_dir = Path(args.namespace.reward) if args.namespace.reward else require_stage(args, "reward")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    log.info("ppo: preset=%s world_size=%d policy=%s reward=%s", args.preset, world, policy_dir, reward_dir)
+
+    # --- the four models ---------------------------------------------------------------------------------
+    tokenizer = Tokenizer.load(policy_dir)
+    policy = load_causal_lm(policy_dir)
+    reference = load_causal_lm(sft_dir).eval().requires_grad_(False)  # the KL anchor is always the SFT model
+    reward_model = load_sequence_classifier(reward_dir).eval().requires_grad_(False)
+    value_model = TokenValueModel(load_sequence_classifier(reward_dir))
+    if config.lora:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                   target_modules=["qkv", "proj", "fc"], task_type="CAUSAL_LM"))
+    reward_stats = read_manifest(reward_dir).get("metrics", {})
+    reward_mean, reward_std = reward_stats.get("reward_mean", 0.0), reward_stats.get("reward_std", 1.0) or 1.0
+    policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr)
+    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=config.value_lr)
+    kl_control = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon, config.adaptive_kl)
+
+    resume_key = {k: v for k, v in to_dict(config).items() if k != "max_time"}
+    state = load_resume_state(out, policy, policy_optimizer, expect={"config": resume_key, "policy": str(policy_dir)})
+    if state:
+        value_model.load_state_dict(state["tensors"]["value_model"])
+        value_optimizer.load_state_dict(state["tensors"]["value_optimizer"])
+        kl_control.load_state_dict(state["kl_control"])
+        log.info("resuming from step %d", state["step"])
+    start_step = state["step"] if state else 0
+    policy, value_model, policy_optimizer, value_optimizer = accelerator.prepare(
+        policy, value_model, policy_optimizer, value_optimizer)
+    device = accelerator.device
+    reference.to(device), reward_model.to(device)
+    raw_policy = accelerator.unwrap_model(policy)
+    raw_value = accelerator.unwrap_model(value_model)
+
+    # --- prompts: each process takes its share of every step's global batch ------------------------------
+    data = args.data or args.run_dir / "data"
+    prompts = load_prompts(data, "ppo")
+    eval_prompts = load_prompts(args.run_dir / "data", "eval")[:config.eval_prompts]
+    if config.prompts_per_step % world:
+        raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} is not divisible by {world} processes")
+    per_process = config.prompts_per_step // world
+
+    def reward_fn_for(records):
+        def reward_fn(response_tokens, finished):
+            texts = [tokenizer.decode(t) for t in response_tokens]
+            raw = score_conversations(reward_model, tokenizer, [r["messages"] for r in records], texts)
+            return (raw - reward_mean) / reward_std
+        return reward_fn
+
+    def evaluate(model, name):
+        """Held-out answers of `model`: gold judge, reward model, KL to SFT, and their profile."""
+        model.eval()
+        answers = answer_chat(model, tokenizer, eval_prompts, seed=args.seed)
+        gold = judge_answers(eval_prompts, answers)
+        rm = score_conversations(reward_model, tokenizer, [p["messages"] for p in eval_prompts], answers.responses)
+        kl = kl_to_reference(model, reference, tokenizer, [tokenizer.encode_prompt(p["messages"]) for p in eval_prompts],
+                             answers.responses)
+        profile = answer_profile(answers, tokenizer)
+        result = {**gold, "rm_score": ((rm - reward_mean) / reward_std).mean().item(), "kl": statistics.fmean(kl),
+                  **profile}
+        log.info("%s on %d held-out prompts: gold %.3f, reward %.3f, KL %.2f, length %.1f", name, len(eval_prompts),
+                 result["gold_score"], result["rm_score"], result["kl"], result["length"])
+        return result, answers
+
+    is_main = accelerator.is_main_process
+    before = after = None
+    if is_main:
+        before, before_answers = evaluate(load_causal_lm(sft_dir).to(device), "SFT policy")
+    metrics = MetricsLog(out / "metrics.jsonl", is_main, resume_step=start_step if state else None)
+    if is_main and not state:
+        metrics.log(step=0, gold_score=before["gold_score"], eval_rm_score=before["rm_score"], eval_kl=0.0)
+
+    # --- the PPO loop -----------------------------------------------------------------------------------------
+    started = time.time()
+    step = start_step
+    bar = tqdm(total=config.steps, initial=start_step, desc="ppo", disable=not is_main)
+    with GracefulInterrupt() as interrupt:
+        while step < config.steps:
+            if config.max_time and time.time() - started >= config.max_time:
+                log.info("wall-clock budget reached at step %d", step)
+                break
+            generator = torch.Generator(device=device).manual_seed(args.seed * 100_003 + step * world + rank)
+            order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + step))
+            chosen = order[:config.prompts_per_step].tolist()[rank * per_process:(rank + 1) * per_process]
+            records = [prompts[i % len(prompts)] for i in chosen]
+            encoded = [tokenizer.encode_prompt(r["messages"]) for r in records]
+            rollout = make_rollout(raw_policy, reference, raw_value, reward_fn_for(records), encoded, config,
+                                   tokenizer, generator)
+            assign_rewards(rollout, kl_control.beta, config, accelerator)
+            update = ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout, config, accelerator,
+                                generator=torch.Generator().manual_seed(args.seed + step))
+            stats = rollout_stats(rollout, accelerator)
+            kl_control.update(stats["kl"], config.prompts_per_step)
+            step += 1
+            metrics.log(step=step, beta=kl_control.beta, **stats, **update)
+            bar.set_postfix(rm=f"{stats['rm_score']:+.2f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
+            bar.update(1)
+            if step % config.eval_every == 0 and step < config.steps and is_main:
+                result, _ = evaluate(raw_policy, f"step {step}")
+                metrics.log(step=step, gold_score=result["gold_score"], eval_rm_score=result["rm_score"],
+                            eval_kl=result["kl"])
+                raw_policy.train()
+            if step % config.save_every == 0 or interrupt.requested:
+                accelerator.wait_for_everyone()
+                if is_main:
+                    save_resume_state(out, raw_policy, policy_optimizer,
+                                      None, {"step": step, "config": resume_key, "policy": str(policy_dir),
+                                             "kl_control": kl_control.state_dict()},
+                                      extra_tensors={"value_model": raw_value.state_dict(),
+                                                     "value_optimizer": value_optimizer.state_dict()})
+                accelerator.wait_for_everyone()
+            if interrupt.requested:
+                exit_interrupted(out)
+    bar.close()
+
+    # --- after: the same evaluation, the verdict, the checkpoint -------------------------------------------
+    accelerator.wait_for_everyone()
+    if is_main:
+        final_policy = raw_policy.merge_and_unload() if config.lora else raw_policy
+        after, after_answers = evaluate(final_policy, "PPO policy")
+        metrics.log(step=step, gold_score=after["gold_score"], eval_rm_score=after["rm_score"], eval_kl=after["kl"])
+        log_examples(eval_prompts, {"sft": before_answers, "ppo": after_answers})
+        kl_budget = 1.5 * config.kl_target
+        healthy, verdict = health_verdict(before, after, kl_budget, metrics.read())
+        final = {"reward_before": before["rm_score"], "reward_after": after["rm_score"], "kl": after["kl"],
+                 "kl_budget": kl_budget, "gold_before": before["gold_score"], "gold_after": after["gold_score"],
+                 "length_before": before["length"], "length_after": after["length"],
+                 "healthy": healthy, "verdict": verdict, "steps": step, "world_size": world,
+                 "train_time_sec": round(time.time() - started, 1),
+                 **{f"{k}_after": v for k, v in after.items() if k.startswith("gold_") and k != "gold_score"}}
+        manifest = make_manifest("ppo", config, args, parent=policy_dir, data_files=[data], metrics=final,
+                                 reward_model=str(reward_dir))
+        save_model(final_policy, out, policy_dir, manifest)
+        plot_curves(metrics.read(), ["rm_score", "kl", "gold_score", "response_length", "beta"], out / "ppo.png", "ppo")
+        write_text_atomic(out / "verdict.txt", "\n".join(verdict) + "\n")
+        write_json_atomic(out / "metrics.json", final)
+        clear_resume_state(out)
+        print("\nPPO health verdict\n" + "\n".join("  " + line for line in verdict), flush=True)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

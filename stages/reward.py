@@ -1,0 +1,119 @@
+"""Stage 3 — the reward model: learn to reproduce the rankings of sampled responses.
+
+    python stages/reward.py --run default --preset cpu [sources=both lr=1e-4 ...]
+
+Starts from runs/<RUN>/sft with a scalar score head and trains on runs/<RUN>/samples (judge rankings,
+human rankings from `make label`, or both), or on --data: any rankings or preference pairs the
+loaders accept (HH-RLHF, OpenAssistant ranked replies, chosen/rejected pairs). Held-out prompts
+measure pairwise and top-1 accuracy and Kendall τ; the reward mean and std over the SFT samples are
+saved for PPO to normalise with. Writes runs/<RUN>/reward/.
+"""
+
+import logging
+import statistics
+
+from datasets import Dataset
+from trl import RewardConfig as TRLRewardConfig
+
+from minigpt.checkpoint import load_sequence_classifier, make_manifest, save_model
+from minigpt.config import RewardConfig, load_config
+from minigpt.data import DataError, load_rankings, split_off
+from minigpt.ranking import ranking_metrics
+from minigpt.reward_model import RankingCollator, RankingRewardTrainer, encode_rankings, score_conversations
+from minigpt.run import (GracefulInterrupt, MetricsLog, parse_stage_args, plot_curves, require_stage,
+                         setup_logging, write_json_atomic)
+from minigpt.tokenizer import Tokenizer
+from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
+                                  latest_checkpoint, run_trainer)
+from minigpt.training import seed_everything
+
+log = logging.getLogger("minigpt.reward")
+
+
+def ranked_sources(args, config: RewardConfig) -> list:
+    """The ranking files to train on: judge rankings, human rankings, or both (or --data)."""
+    if args.data:
+        return [args.data]
+    samples = args.run_dir / "samples"
+    files = {"judge": [samples / "ranked.jsonl"], "human": [samples / "human.jsonl"],
+             "both": [samples / "ranked.jsonl", samples / "human.jsonl"]}[config.sources]
+    files += sorted(args.run_dir.glob("rounds/*/samples/ranked.jsonl"))  # earlier RLHF rounds, when present
+    present = [f for f in files if f.exists()]
+    if not present:
+        raise SystemExit(f"error: no rankings for sources={config.sources}: expected {files[0]} "
+                         f"(run `make samples`, or `make label` for human rankings)")
+    return present
+
+
+def main():
+    args = parse_stage_args("reward")
+    config = load_config(RewardConfig, args.preset, args.overrides)
+    out = args.out_dir
+    setup_logging(out)
+    seed_everything(args.seed)
+    parent = require_stage(args, "sft")
+    tokenizer = Tokenizer.load(parent)
+
+    rankings = []
+    for source in ranked_sources(args, config):
+        try:
+            rankings += load_rankings(source)
+        except DataError as error:
+            raise SystemExit(f"error: {error}") from None
+    train_rankings, val_rankings = split_off(rankings, config.val_fraction, seed=args.seed)
+    train_rows = encode_rankings(tokenizer, train_rankings, config.max_length)
+    val_rows = encode_rankings(tokenizer, val_rankings, config.max_length)
+    log.info("reward: %d prompts with rankings (%d train / %d held out)", len(rankings), len(train_rows), len(val_rows))
+
+    model = load_sequence_classifier(parent)
+    model.config.pad_token_id = tokenizer.pad_id
+    training_args = TRLRewardConfig(
+        **common_training_arguments(out, config, args.seed),
+        per_device_train_batch_size=config.prompts_per_batch,  # whole prompts: all their pairs together
+        per_device_eval_batch_size=config.prompts_per_batch,
+        max_length=None,  # rows are truncated when they are encoded
+        remove_unused_columns=False,
+        center_rewards_coefficient=None,
+    )
+    metrics_log = MetricsLog(out / "metrics.jsonl", resume_step=0 if latest_checkpoint(out) else None)
+    with GracefulInterrupt() as interrupt:
+        callback = StageCallback(metrics_log, interrupt, config.max_time)
+        trainer = RankingRewardTrainer(model=model, args=training_args, train_dataset=Dataset.from_list(train_rows),
+                                       eval_dataset=Dataset.from_list(val_rows),
+                                       processing_class=tokenizer.to_transformers(),
+                                       data_collator=RankingCollator(tokenizer.pad_id), callbacks=[callback])
+        run_trainer(trainer, out, callback)
+    model = trainer.model.eval()
+
+    # --- held-out ranking quality, and the reward scale PPO normalises with ---------------------------
+    def rewards_of(records):
+        prompts = [r["prompt"] for r in records for _ in r["responses"]]
+        responses = [x for r in records for x in r["responses"]]
+        flat = score_conversations(model, tokenizer, prompts, responses, config.max_length).tolist()
+        groups, k = [], 0
+        for r in records:
+            groups.append((flat[k:k + len(r["responses"])], r["ranks"]))
+            k += len(r["responses"])
+        return groups, flat
+
+    val_groups, _ = rewards_of(val_rankings)
+    quality = ranking_metrics(val_groups)
+    sft_samples = [r for r in rankings if str(r.get("policy", "")).rstrip("/").endswith("sft")] or rankings
+    _, all_rewards = rewards_of(sft_samples)
+    final = {"pairwise_accuracy": quality.pairwise_accuracy, "top1_accuracy": quality.top1_accuracy,
+             "kendall_tau": quality.kendall_tau, "reward_mean": statistics.fmean(all_rewards),
+             "reward_std": statistics.pstdev(all_rewards) or 1.0, "val_prompts": quality.n_prompts,
+             "val_pairs": quality.n_pairs, "train_prompts": len(train_rows)}
+    log.info("reward model on held-out prompts: pairwise accuracy %.3f, top-1 %.3f, Kendall tau %.3f",
+             quality.pairwise_accuracy, quality.top1_accuracy, quality.kendall_tau)
+
+    manifest = make_manifest("reward", config, args, parent=parent, data_files=ranked_sources(args, config),
+                             metrics=final)
+    save_model(model, out, parent, manifest)
+    plot_curves(metrics_log.read(), ["loss", "eval_loss", "eval_accuracy", "accuracy"], out / "loss.png", "reward")
+    write_json_atomic(out / "metrics.json", final)
+    clear_trainer_checkpoints(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Stage 2 — supervised fine-tuning: the pretrained GPT learns to hold a dialogue.
+
+    python stages/sft.py --run default --preset cpu [lora=true lr=5e-4 ...]
+
+Reads runs/<RUN>/pretrain and the run's SFT dialogues (or --data: messages, ShareGPT, Alpaca,
+OpenAssistant trees, HH transcripts); writes runs/<RUN>/sft/. TRL's SFTTrainer renders each dialogue
+with the tokenizer's chat template and puts the loss on the assistant's turns only. With LoRA the
+adapter is merged at the end, so every later stage sees one plain model.
+"""
+
+import logging
+
+from datasets import Dataset
+from trl import SFTConfig as TRLSFTConfig
+from trl import SFTTrainer
+
+from minigpt.checkpoint import load_causal_lm, make_manifest, save_model
+from minigpt.config import SFTConfig, load_config
+from minigpt.data import load_dialogues, load_prompts
+from minigpt.evaluation import (answer_chat, answer_fewshot, judge_answers, log_examples,
+                                pick_fewshot_examples)
+from minigpt.run import (GracefulInterrupt, MetricsLog, parse_stage_args, plot_curves, require_stage,
+                         setup_logging, write_json_atomic)
+from minigpt.tokenizer import Tokenizer
+from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
+                                  latest_checkpoint, run_trainer)
+from minigpt.training import seed_everything
+
+log = logging.getLogger("minigpt.sft")
+
+
+def lora_config(config: SFTConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
+
+
+def main():
+    args = parse_stage_args("sft")
+    config = load_config(SFTConfig, args.preset, args.overrides)
+    out = args.out_dir
+    setup_logging(out)
+    seed_everything(args.seed)
+    parent = require_stage(args, "pretrain")
+    world = args.run_dir / "data"
+    source = args.data or world
+
+    # --- data: dialogues in the internal `messages` format ----------------------------------------
+    train_dialogues = load_dialogues(source, "train")
+    val_dialogues = load_dialogues(source, "val")
+    log.info("sft: %d train / %d held-out dialogues from %s", len(train_dialogues), len(val_dialogues), source)
+    as_dataset = lambda dialogues: Dataset.from_list([{"messages": d["messages"]} for d in dialogues])  # noqa: E731
+
+    # --- model and trainer ---------------------------------------------------------------------------
+    tokenizer = Tokenizer.load(parent)
+    model = load_causal_lm(parent)
+    training_args = TRLSFTConfig(
+        **common_training_arguments(out, config, args.seed),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length,
+        packing=config.packing,
+        assistant_only_loss=True,  # the user's words are context, not targets
+        dataset_num_proc=None,
+    )
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=0 if latest_checkpoint(out) else None)
+    with GracefulInterrupt() as interrupt:
+        callback = StageCallback(metrics, interrupt, config.max_time)
+        trainer = SFTTrainer(model=model, args=training_args, train_dataset=as_dataset(train_dialogues),
+                             eval_dataset=as_dataset(val_dialogues), processing_class=tokenizer.to_transformers(),
+                             peft_config=lora_config(config) if config.lora else None, callbacks=[callback])
+        run_trainer(trainer, out, callback)
+    val_loss = trainer.evaluate()["eval_loss"]
+    model = trainer.model
+    if config.lora:
+        model = model.merge_and_unload()  # one plain model for every later stage
+    model.eval()
+
+    # --- what the stage did: base (few-shot) vs SFT on held-out prompts, scored by the gold judge -----
+    final = {"val_loss": val_loss}
+    if args.data:
+        log.info("custom --data: skipping the gold-judge evaluation (it needs the generated world's prompts)")
+    else:
+        prompts = load_prompts(world, "eval")[:config.eval_prompts]
+        sft_answers = answer_chat(model, tokenizer, prompts, seed=args.seed, progress="sft answers")
+        base = load_causal_lm(parent).eval()
+        examples = pick_fewshot_examples(train_dialogues, config.fewshot)
+        base_answers = answer_fewshot(base, tokenizer, prompts, examples, seed=args.seed, progress="base answers")
+        sft_scores, base_scores = judge_answers(prompts, sft_answers), judge_answers(prompts, base_answers)
+        final.update(sft_scores)
+        final.update({f"{k}_base": v for k, v in base_scores.items()})
+        final["eval_prompts"] = len(prompts)
+        log_examples(prompts, {"base": base_answers, "sft": sft_answers})
+        log.info("gold score: base (few-shot) %.3f -> sft %.3f", base_scores["gold_score"], sft_scores["gold_score"])
+
+    manifest = make_manifest("sft", config, args, parent=parent, data_files=[source], metrics=final)
+    save_model(model, out, parent, manifest)
+    plot_curves(metrics.read(), ["loss", "eval_loss", "learning_rate"], out / "loss.png", "sft")
+    write_json_atomic(out / "metrics.json", final)
+    clear_trainer_checkpoints(out)
+    log.info("sft done: val_loss %.4f -> %s", val_loss, out)
+
+
+if __name__ == "__main__":
+    main()
