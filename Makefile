@@ -11,6 +11,7 @@
 #   NPROC=1       processes: >1 runs the stage under `accelerate launch` (GPUs, or CPU processes)
 #   ACCEL_CONFIG= an accelerate config file (configs/accelerate/*.yaml) for NPROC>1
 #   FORCE=        1 reruns the stage(s) named on the command line
+#   RUNS_ROOT=runs  where runs live
 # Stage-specific overrides that survive chaining: PRETRAIN_ARGS, SFT_ARGS, SAMPLES_ARGS, ...
 
 RUN ?= default
@@ -27,7 +28,8 @@ TORCH_SPEC ?= torch==2.13.0
 
 VENV := .venv
 PY := $(VENV)/bin/python
-R := runs/$(RUN)
+RUNS_ROOT ?= runs
+R := $(RUNS_ROOT)/$(RUN)
 export PYTHONUNBUFFERED := 1
 
 # `accelerate launch` for several processes. Without GPUs, --multi_gpu falls back to gloo CPU
@@ -40,7 +42,7 @@ else
 LAUNCH := $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no
 endif
 
-COMMON = --run $(RUN) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data $(DATA))
+COMMON = --run $(RUN) --runs-root $(RUNS_ROOT) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data $(DATA))
 # ARGS goes to the stages named on the command line; <STAGE>_ARGS always to that stage.
 stage_args = $($(1)_ARGS) $(if $(filter $(2),$(MAKECMDGOALS)),$(ARGS))
 # A stage reruns when its settings change: the stamp is rewritten only when they differ.
@@ -77,7 +79,7 @@ settings: ;
 
 data: $(R)/data/stats.json
 $(R)/data/stats.json: $(R)/.settings/data | setup
-	$(PY) data/generate.py --out $(R)/data --seed $(SEED) $(if $(PRESET),--preset $(PRESET))
+	$(PY) data/generate.py --out $(R)/data --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) $(call stage_args,DATA,data)
 
 tokenizer: $(R)/tokenizer/metrics.json
 $(R)/tokenizer/metrics.json: $(R)/data/stats.json $(R)/.settings/tokenizer
@@ -96,7 +98,7 @@ $(R)/samples/metrics.json: $(R)/sft/metrics.json $(R)/.settings/samples
 	$(LAUNCH) stages/samples.py $(COMMON) $(call stage_args,SAMPLES,samples)
 
 label: $(R)/samples/metrics.json
-	$(PY) -m minigpt.label --run $(RUN) $(ARGS)
+	$(PY) -m minigpt.label --run $(RUN) --runs-root $(RUNS_ROOT) $(ARGS)
 
 reward: $(R)/reward/metrics.json
 $(R)/reward/metrics.json: $(R)/samples/metrics.json $(R)/.settings/reward
@@ -108,13 +110,13 @@ $(R)/ppo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/ppo
 
 compare: $(R)/compare/report.json
 $(R)/compare/report.json: $(R)/ppo/metrics.json $(R)/.settings/compare
-	$(PY) -m minigpt.compare --run $(RUN) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) $(call stage_args,COMPARE,compare)
+	$(PY) -m minigpt.compare --run $(RUN) --runs-root $(RUNS_ROOT) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) $(call stage_args,COMPARE,compare)
 
 all: compare
 	@echo "minigpt: every stage of runs/$(RUN) is done; the report is $(R)/compare/report.html"
 
 rlhf: $(R)/ppo/metrics.json
-	$(PY) -m minigpt.rounds --run $(RUN) --rounds $(ROUNDS) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) --launch "$(LAUNCH)" $(ARGS)
+	$(PY) -m minigpt.rounds --run $(RUN) --runs-root $(RUNS_ROOT) --rounds $(ROUNDS) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) --launch "$(LAUNCH)" $(ARGS)
 
 # ---- using the models --------------------------------------------------------------------------
 chat: | setup

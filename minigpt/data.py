@@ -102,7 +102,8 @@ def load_dialogues(source, split: str | None = "train", all_oasst_paths: bool = 
     """
     dialogues, trimmed = [], 0
     for where, record in _stage_rows(source, split, f"sft_{split or 'train'}.jsonl"):
-        if detect_format(record, where) == "oasst_tree":
+        format_name = detect_format(record, where)
+        if format_name == "oasst_tree":
             conversations = _oasst_paths(record, where, all_oasst_paths)
         else:
             conversations = [to_messages(record, where)]
@@ -112,7 +113,8 @@ def load_dialogues(source, split: str | None = "train", all_oasst_paths: bool = 
                 raise DataError(f"{where}: a dialogue needs a user turn followed by an assistant turn, got roles "
                                 f"{[m['role'] for m in messages]}; prompts without answers belong in load_prompts")
             trimmed += last_assistant < len(messages) - 1
-            dialogues.append({"messages": messages[:last_assistant + 1]})
+            # extras (kind, quality, …) kept: the few-shot prompt picks good demonstrations by them
+            dialogues.append({"messages": messages[:last_assistant + 1], **_extras(record, format_name)})
     if trimmed:
         logger.info("%s: dropped the trailing user turns of %d dialogues", source, trimmed)
     return _non_empty(dialogues, source, split, "dialogues")

@@ -184,12 +184,16 @@ def positions_from_mask(attention_mask, past: int, T: int, device):
 def attention_mask_4d(attention_mask, position_ids, past: int, T: int):
     """The boolean mask (B, 1, T, past+T) for SDPA, or None when plain causal attention will do.
 
-    Three cases need a mask: padding (attention_mask has zeros), packed sequences (position_ids
+    Three cases need a mask: left padding (attention_mask has zeros before real tokens), packed sequences (position_ids
     restart at 0 inside a row: attention stays within each sequence) and a chunk of several new
     tokens after a cache. Every query may always see itself, so no row is fully masked (which would
     give NaN that leaks into later layers through the values of padding tokens).
     """
     padded = attention_mask is not None and not bool(attention_mask.all())
+    if padded and past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        # Right padding only: causal attention already keeps real tokens from seeing the pads after
+        # them, and what pads compute is never used. Plain causal attention is the fast kernel.
+        padded = False
     packed = attention_mask is None and past == 0 and T > 1 and bool((position_ids[:, 1:] == 0).any())
     if not padded and not packed and (past == 0 or T == 1):
         return None

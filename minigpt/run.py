@@ -33,6 +33,7 @@ class StageArgs:
     data: str = ""  # a data source other than the run's generated world
     overrides: list[str] = field(default_factory=list)
     runs_root: str = "runs"
+    out: str = ""  # another output folder (e.g. an RLHF round's)
 
     @property
     def run_dir(self) -> Path:
@@ -40,7 +41,7 @@ class StageArgs:
 
     @property
     def out_dir(self) -> Path:
-        return self.run_dir / self.stage
+        return Path(self.out) if self.out else self.run_dir / self.stage
 
     def stage_dir(self, name: str) -> Path:
         return self.run_dir / name
@@ -54,12 +55,13 @@ def parse_stage_args(stage: str, argv=None, extra=None) -> StageArgs:
     parser.add_argument("--seed", type=int, default=int(os.environ.get("SEED", 0)))
     parser.add_argument("--data", default=os.environ.get("DATA", ""))
     parser.add_argument("--runs-root", default=os.environ.get("RUNS_ROOT", "runs"))
+    parser.add_argument("--out", default="", help="output folder (default runs/<RUN>/<stage>)")
     if extra:
         extra(parser)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the stage's config")
     ns = parser.parse_args(argv)
     args = StageArgs(stage=stage, run=ns.run, preset=ns.preset or default_preset(), seed=ns.seed,
-                     data=ns.data, overrides=list(ns.overrides), runs_root=ns.runs_root)
+                     data=ns.data, overrides=list(ns.overrides), runs_root=ns.runs_root, out=ns.out)
     args.namespace = ns
     return args
 
@@ -145,7 +147,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

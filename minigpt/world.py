@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import string
 from collections import Counter
@@ -38,6 +37,7 @@ from pathlib import Path
 
 from minigpt.config import DataConfig
 from minigpt.judge import number_to_words, score
+from minigpt.run import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,7 @@ Thistle Tinker Wobble Bingo Cosmo Dusty Biscuit Gumbo Hazel Jasmine Lulu Mocha B
 ATTRIBUTES = ("town", "job", "pet", "pet_name", "colour", "food", "age")
 STATEMENTS = ("town", "job", "pet", "colour", "food", "age")  # a pet sentence states its name too
 AGE_RANGE = (16, 85)
+MIN_PEOPLE = 4
 
 # Made-up words for reading-comprehension passages: never world names, so the answer must be read.
 SYLLABLE_ONSETS = "b d f g h k l m n p r s t v z br dr gr kr tr st sh th".split()
@@ -239,7 +240,7 @@ SELF_ANSWERS = {
     "town": ["I live in {town}.", "In {town}.", "My home is in {town}.", "I am from {town}."],
     "job": ["I am {a_job}.", "I work as {a_job}.", "I {do} for a living.", "I am {a_job}, so I {do} every day."],
     "pet": ["I have {a_animal} called {pet}.", "Yes, {a_animal} named {pet}.", "I keep {a_animal}. Its name is {pet}."],
-    "pet_name": ["My {animal} is called {pet}.", "{pet}.", "I named {o} {pet}."],
+    "pet_name": ["My {animal} is called {pet}.", "{pet}.", "I named my {animal} {pet}."],
     "colour": ["My favourite colour is {colour}.", "I like {colour} best.", "I love {colour}, of course."],
     "food": ["My favourite food is {food}.", "I love {food}.", "I could eat {food} every day."],
     "age": ["I am {age} years old.", "I am {age}.", "I turned {age} this year."],
@@ -313,7 +314,7 @@ REPEAT_INSTRUCTIONS = ["Repeat the word {w} {k} times.", "Say the word {w} {k} t
                        "Can you repeat '{w}' {k} times?", "Write the word {w} {k} times in a row.", "Say '{w}' {k} times."]
 REPEAT_WORDS = ("river", "moon", "tree", "stone", "cloud", "star", "boat", "lamp", "bell", "door", "window", "garden",
                 "sun", "rain", "leaf", "hill", "road", "basket", "candle", "ladder", "kettle", "mountain", "blanket",
-                "teapot", "feather", "hat", "shoe", "bridge", "apple", "song")
+                "teapot", "feather", "hat", "shoe", "bridge", "bucket", "song")
 INSTRUCTION_TASKS = ("count", "greet", "name_animal", "repeat")
 
 # Scenery for stories and bios: the words that fill a BPE vocabulary beyond the facts.
@@ -340,6 +341,7 @@ CHORES = ["swept the floor", "mended a broken chair", "wrote a letter", "tidied 
 CLOTHES = ["scarf", "coat", "hat", "jumper", "cap", "cloak", "shirt", "waistcoat", "pair of gloves", "pair of boots"]
 SEASONS = {"spring": "the first flowers open", "summer": "the days are long and warm",
            "autumn": "the leaves turn and fall", "winter": "the nights are long and cold"}
+
 # Things and doings for scenes: many plain words, none of them a fact of the world (no colour, food,
 # animal, job, town or name), so they widen the vocabulary without blurring what the model must learn.
 OBJECTS = """lantern kettle basket ladder bucket blanket candle teapot jug spoon fork knife plate cup mug saucer shelf
@@ -419,9 +421,9 @@ class World:
 def build_world(n_people: int, rng: random.Random) -> World:
     """Draw the people and places; which person has which attribute is the seed's choice."""
     named = [(n, "female") for n in FEMALE_NAMES] + [(n, "male") for n in MALE_NAMES]
-    if n_people > len(named):
-        raise ValueError(f"DataConfig.n_people={n_people}: the world has only {len(named)} first names; "
-                         f"use n_people <= {len(named)}")
+    if not MIN_PEOPLE <= n_people <= len(named):
+        raise ValueError(f"DataConfig.n_people={n_people}: the world needs {MIN_PEOPLE} to {len(named)} people "
+                         f"(stories need a friend and a third person; there are {len(named)} first names)")
     pet_names = rng.sample(PET_NAMES, min(n_people, len(PET_NAMES)))
     pet_names += rng.choices(PET_NAMES, k=n_people - len(pet_names))  # repeats only past the list's size
     people = [Person(name=name, gender=gender, town=rng.choice(TOWNS), job=rng.choice(sorted(JOBS)),
@@ -536,14 +538,13 @@ class DocumentWriter:
 
     def next_person(self, exclude: Person | None = None) -> Person:
         """People in a shuffled round robin, so every person's facts are stated about equally often."""
-        if not self._queue:
-            self._queue = self.rng.sample(self.world.people, len(self.world.people))
-        person = self._queue.pop()
-        if person is exclude:
-            other = self.next_person()
-            self._queue.insert(0, person)
-            return other
-        return person
+        while True:
+            if not self._queue:
+                self._queue = self.rng.sample(self.world.people, len(self.world.people))
+            allowed = [i for i, person in enumerate(self._queue) if person is not exclude]
+            if allowed:
+                return self._queue.pop(allowed[-1])
+            self._queue += self.rng.sample(self.world.people, len(self.world.people))  # only `exclude` was left
 
     def fact(self, attribute: str, person: Person, pronoun: bool = False) -> str:
         text, stated = fact_sentence(attribute, person, self.rng, pronoun)
@@ -1000,7 +1001,7 @@ class QuestionMaker:
             prompt = rng.choice(GREET_INSTRUCTIONS).format(n=name)
             good = [t.format(n=name) for t in GREET_ANSWERS]
             others = [n for n in self.world_names if n != name]
-            wrong = [rng.choice(GREET_ANSWERS).format(n=other) for other in rng.sample(others, 3)]
+            wrong = [rng.choice(GREET_ANSWERS).format(n=other) for other in rng.sample(others, min(3, len(others)))]
             judge = {"check": "greet", "answer": name, "candidates": others, "subject": [name]}
             curt = f"hello {name.lower()}"
         elif task == "name_animal":
@@ -1156,13 +1157,6 @@ def build_dialogues(set_name: str, n: int, maker: QuestionMaker, registry: Promp
 
 # -- writing ------------------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, text: str):
-    """Write to a temporary name, then rename: a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(temporary, path)
-
-
 def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
@@ -1234,7 +1228,7 @@ def generate_world(out_dir: str | Path, config: DataConfig, seed: int) -> dict:
     files["world.json"] = json.dumps(world_record, indent=1, ensure_ascii=False) + "\n"
     files["stats.json"] = json.dumps(stats, indent=1, ensure_ascii=False) + "\n"
     for name, text in files.items():
-        _write_atomic(out / name, text)
+        write_text_atomic(out / name, text)  # a reader never sees half a file
     log.info("world: wrote %d files to %s (%d pretraining documents, %d SFT dialogues)", len(files), out,
              config.n_documents, config.n_sft_dialogues)
     return stats

@@ -37,14 +37,13 @@ log = logging.getLogger("minigpt.ppo")
 def extra_arguments(parser):
     parser.add_argument("--policy", default="", help="policy to start from (default runs/<RUN>/sft)")
     parser.add_argument("--reward", default="", help="reward model (default runs/<RUN>/reward)")
-    parser.add_argument("--out", default="", help="output folder (default runs/<RUN>/ppo)")
 
 
 def main():
     args = parse_stage_args("ppo", extra=extra_arguments)
     config = load_config(PPOConfig, args.preset, args.overrides)
     accelerator = make_accelerator()
-    out = Path(args.namespace.out) if args.namespace.out else args.out_dir
+    out = args.out_dir
     setup_logging(out, accelerator.is_main_process)
     seed_everything(args.seed + accelerator.process_index)
     sft_dir = require_stage(args, "sft")

@@ -32,18 +32,44 @@ def run_stage(script: str, runs_root: Path, *args: str, run: str = "t", check: b
     return result
 
 
+def make(target: str, runs_root: Path, *variables: str, run: str = "t", timeout=900):
+    """`make <target> PRESET=tiny` on a run in a temporary runs root: the pipeline as users run it."""
+    cmd = ["make", target, "PRESET=tiny", f"RUN={run}", f"RUNS_ROOT={runs_root}", *variables]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
 @pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory):
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_root):
     """runs root with a tiny world and tokenizer (run name `t`)."""
-    root = tmp_path_factory.mktemp("runs")
-    subprocess.run([PYTHON, "data/generate.py", "--out", str(root / "t" / "data"), "--preset", "tiny",
-                    "--seed", "0"], cwd=REPO, check=True, capture_output=True)
-    run_stage("tokenizer", root)
-    return root
+    make("tokenizer", tiny_root)
+    return tiny_root
 
 
 @pytest.fixture(scope="session")
 def tiny_pretrained(tiny_runs):
     """The tiny run after pretraining."""
-    run_stage("pretrain", tiny_runs)
+    make("pretrain", tiny_runs)
     return tiny_runs
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_pretrained):
+    """The tiny run's SFT checkpoint folder."""
+    make("sft", tiny_pretrained)
+    return tiny_pretrained / "t" / "sft"
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo(tiny_sft):
+    """The tiny run after samples, reward and PPO: the runs root."""
+    make("ppo", tiny_sft.parents[1])
+    return tiny_sft.parents[1]

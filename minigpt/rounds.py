@@ -1,0 +1,92 @@
+"""Iterated RLHF, as the ChatGPT recipe runs it: `make rlhf ROUNDS=N` (`python -m minigpt.rounds`).
+
+Round 1 is the pipeline's own samples → reward → ppo. Each later round n:
+  1. samples  — fresh responses from the newest policy, ranked        → rounds/n/samples/
+  2. reward   — a reward model trained on *all* rankings so far      → rounds/n/reward/
+  3. ppo      — PPO from the newest policy against that reward model → rounds/n/ppo/
+(the KL anchor stays the SFT model). A summary shows reward-model accuracy and gold score per round.
+Each step is the ordinary stage command, so every round folder is an ordinary stage folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from minigpt.run import write_json_atomic
+
+
+def round_dir(run_dir: Path, n: int) -> Path:
+    return run_dir / "rounds" / str(n)
+
+
+def stage_folders(run_dir: Path, n: int) -> dict[str, Path]:
+    if n == 1:
+        return {s: run_dir / s for s in ("samples", "reward", "ppo")}
+    return {s: round_dir(run_dir, n) / s for s in ("samples", "reward", "ppo")}
+
+
+def run_round(n: int, run_dir: Path, common: list[str], launch: list[str], python: list[str]) -> None:
+    folders, previous = stage_folders(run_dir, n), stage_folders(run_dir, n - 1)
+    policy = previous["ppo"]
+    steps = [
+        (folders["samples"], python + ["stages/samples.py", *common, "--out", str(folders["samples"]),
+                                       f"policy={policy}"]),
+        (folders["reward"], launch + ["stages/reward.py", *common, "--out", str(folders["reward"])]),
+        (folders["ppo"], launch + ["stages/ppo.py", *common, "--out", str(folders["ppo"]), "--policy", str(policy),
+                                   "--reward", str(folders["reward"])]),
+    ]
+    for folder, command in steps:
+        if (folder / "metrics.json").exists():
+            print(f"round {n}: {folder} is done, skipping", flush=True)
+            continue
+        print(f"round {n}: {' '.join(command)}", flush=True)
+        subprocess.run(command, check=True)
+
+
+def summarise(run_dir: Path, rounds: int) -> list[dict]:
+    rows = []
+    for n in range(1, rounds + 1):
+        folders = stage_folders(run_dir, n)
+        reward = json.loads((folders["reward"] / "metrics.json").read_text())
+        ppo = json.loads((folders["ppo"] / "metrics.json").read_text())
+        rows.append({"round": n, "pairwise_accuracy": reward["pairwise_accuracy"],
+                     "kendall_tau": reward["kendall_tau"], "gold_before": ppo["gold_before"],
+                     "gold_after": ppo["gold_after"], "reward_after": ppo["reward_after"], "kl": ppo["kl"],
+                     "healthy": ppo.get("healthy")})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="default")
+    parser.add_argument("--runs-root", default="runs")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default=None)
+    parser.add_argument("--launch", default=sys.executable, help="how reward/ppo are launched (python or accelerate)")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.runs_root) / args.run
+    if not (run_dir / "ppo" / "metrics.json").exists():
+        raise SystemExit(f"error: {run_dir / 'ppo'} is not finished: round 1 is the pipeline itself "
+                         f"(run `make ppo RUN={args.run}` first)")
+    common = ["--run", args.run, "--runs-root", args.runs_root, "--seed", str(args.seed)]
+    if args.preset:
+        common += ["--preset", args.preset]
+    for n in range(2, args.rounds + 1):
+        run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable])
+    rows = summarise(run_dir, args.rounds)
+    write_json_atomic(run_dir / "rounds" / "summary.json", rows)
+    print(f"\n{'round':>5}  {'RM pair acc':>11}  {'gold before':>11}  {'gold after':>10}  {'KL':>6}  healthy")
+    for r in rows:
+        print(f"{r['round']:>5}  {r['pairwise_accuracy']:>11.3f}  {r['gold_before']:>11.3f}  {r['gold_after']:>10.3f}"
+              f"  {r['kl']:>6.2f}  {r['healthy']}")
+    print(f"\nsummary: {run_dir / 'rounds' / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()

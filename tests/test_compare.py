@@ -1,0 +1,89 @@
+"""`make compare`: every stage's model on the same held-out prompts, in three self-describing reports."""
+
+import json
+import math
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO
+from minigpt.compare import find_stages, render_html
+
+STAGES = ("base", "sft", "ppo")
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_ppo):
+    """A complete tiny run (pretrain → sft → samples → reward → ppo) and the output of `compare` on it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([PYTHON, "-m", "minigpt.compare", "--run", "t", "--runs-root", str(tiny_ppo),
+                             "--preset", "tiny"], cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tiny_ppo / "t", result.stdout
+
+
+def test_compare_writes_one_finite_entry_per_stage(compared):
+    run_dir, _ = compared
+    for name in ("report.md", "report.html", "report.json"):
+        assert (run_dir / "compare" / name).exists(), name
+    report = json.loads((run_dir / "compare" / "report.json").read_text())
+    assert list(report["stages"]) == list(STAGES)
+    for name, stage in report["stages"].items():
+        for key in ("gold_score", "rm_score", "kl_to_sft", "mean_length"):
+            value = stage[key]
+            if name == "base" and key == "kl_to_sft":
+                assert value is None  # the base model answers a different (few-shot) prompt: no KL to SFT
+                continue
+            assert isinstance(value, float) and math.isfinite(value), (name, key, value)
+        assert set(stage["gold_components"]) == {"correct", "complete", "concise", "clean"}
+    assert report["stages"]["sft"]["kl_to_sft"] == 0.0
+    assert "verdict" in report["stages"]["ppo"]["headline"]
+    prompts = sum(1 for line in (run_dir / "data" / "prompts_eval.jsonl").read_text().splitlines() if line.strip())
+    assert report["prompts"] == len(report["responses"]) == prompts
+    for entry in report["responses"]:
+        assert all(isinstance(entry[name]["text"], str) and entry[name]["length"] >= 0 for name in STAGES)
+    assert "NaN" not in (run_dir / "compare" / "report.json").read_text()
+
+
+def test_html_report_is_self_contained_with_embedded_curves(compared):
+    run_dir, _ = compared
+    page = (run_dir / "compare" / "report.html").read_text()
+    for forbidden in ("http://", "https://", "<script", "<link"):
+        assert forbidden not in page, forbidden
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert all(name in page for name in STAGES)
+
+
+def test_terminal_table_lists_every_stage(compared):
+    _, stdout = compared
+    rows = {line.split()[0] for line in stdout.splitlines() if line.strip()}
+    assert set(STAGES) <= rows
+    assert "report.html" in stdout
+
+
+def test_model_text_is_escaped_in_the_html():
+    figures = {"gold_score": 0.5, "rm_score": None, "kl_to_sft": 0.0, "mean_length": 3.0, "gold_components": {},
+               "checkpoint": "x", "headline": {}}
+    answer = {"text": "<script>alert('hi')</script> & more", "gold": 0.1, "rm": None, "kl": 0.0, "length": 9}
+    report = {"run": "r<b>", "seed": 0, "prompts": 1, "stages": {"sft": figures}, "report_card": {},
+              "responses": [{"id": "p1", "prompt": "Say <img src=x>", "sft": answer}]}
+    page = render_html(report, images=[])
+    assert "<script" not in page and "<img src=x>" not in page and "r<b>" not in page
+    assert "&lt;script&gt;alert(&#x27;hi&#x27;)&lt;/script&gt; &amp; more" in page
+
+
+def test_a_run_without_finished_stages_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no finished stage.*make ppo RUN=empty"):
+        find_stages(tmp_path / "empty")
+
+
+def test_stages_are_found_in_pipeline_order_with_rounds_numbered(tmp_path):
+    run_dir = tmp_path / "r"
+    for folder in ("pretrain", "ppo", "rounds/10/ppo", "rounds/2/ppo", "rounds/3/samples"):
+        (run_dir / folder).mkdir(parents=True)
+        (run_dir / folder / "metrics.json").write_text("{}")
+    (run_dir / "sft").mkdir()  # started, never finished: skipped
+    assert [s.name for s in find_stages(run_dir)] == ["base", "ppo", "round2", "round10"]

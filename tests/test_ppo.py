@@ -1,0 +1,155 @@
+import torch
+
+from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
+from minigpt.ppo import (AdaptiveKLController, TokenValueModel, assign_rewards, clipped_policy_loss,
+                         clipped_value_loss, gae_advantages, health_verdict, kl_penalty, make_rollout, ppo_update,
+                         whiten)
+
+
+def test_gae_and_returns_against_a_hand_computed_example():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])  # the last position is padding
+    gamma, lam = 0.9, 0.8
+    d2 = 1.0 - 0.3  # last real token: no bootstrap
+    d1 = 0.0 + gamma * 0.3 - 0.4
+    d0 = 0.0 + gamma * 0.4 - 0.5
+    a2 = d2
+    a1 = d1 + gamma * lam * a2
+    a0 = d0 + gamma * lam * a1
+    advantages, returns = gae_advantages(rewards, values, mask, gamma, lam)
+    assert torch.allclose(advantages, torch.tensor([[a0, a1, a2, 0.0]]), atol=1e-6)
+    assert torch.allclose(returns, torch.tensor([[a0 + 0.5, a1 + 0.4, a2 + 0.3, 0.0]]), atol=1e-6)
+
+
+def test_clipped_policy_loss_clips_only_in_the_improving_direction():
+    old = torch.zeros(1, 2)
+    mask = torch.ones(1, 2)
+    new = torch.log(torch.tensor([[1.5, 0.5]]))  # ratios 1.5 and 0.5
+    advantages = torch.tensor([[1.0, 1.0]])
+    loss, clip_fraction, approx_kl = clipped_policy_loss(new, old, advantages, mask, clip_range=0.2)
+    # positive advantage: min(r·A, clip(r)·A) → 1.2 for r=1.5, 0.5 for r=0.5 (no benefit from clipping up)
+    assert abs(loss.item() - -(1.2 + 0.5) / 2) < 1e-6
+    assert abs(clip_fraction.item() - 0.5) < 1e-6
+    expected_kl = ((1.5 - 1 - torch.log(torch.tensor(1.5))) + (0.5 - 1 - torch.log(torch.tensor(0.5)))) / 2
+    assert abs(approx_kl.item() - expected_kl.item()) < 1e-6
+
+
+def test_clipped_value_loss():
+    values, old, returns, mask = torch.tensor([[2.0]]), torch.tensor([[0.0]]), torch.tensor([[1.0]]), torch.ones(1, 1)
+    # unclipped error (2-1)^2 = 1; clipped prediction 0.5 → (0.5-1)^2 = 0.25; the max is kept
+    assert abs(clipped_value_loss(values, old, returns, mask, 0.5).item() - 0.5 * 1.0) < 1e-6
+    values = torch.tensor([[1.2]])  # inside the clip range: plain squared error
+    assert abs(clipped_value_loss(values, old, returns, mask, 0.5).item() - 0.5 * 0.25) < 1e-6
+
+
+def test_kl_estimators():
+    logp, ref = torch.log(torch.tensor([0.5, 0.2])), torch.log(torch.tensor([0.25, 0.4]))
+    k1 = kl_penalty(logp, ref, "k1")
+    assert torch.allclose(k1, logp - ref)
+    k3 = kl_penalty(logp, ref, "k3")
+    r = torch.exp(ref - logp)
+    assert torch.allclose(k3, (r - 1) - torch.log(r))
+    assert (k3 >= 0).all()
+    # both are unbiased for KL(p‖q) when tokens are sampled from p
+    torch.manual_seed(0)
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    x = torch.multinomial(p, 200_000, replacement=True)
+    true_kl = (p * (p / q).log()).sum()
+    for estimator in ("k1", "k3"):
+        estimate = kl_penalty(p.log()[x], q.log()[x], estimator).mean()
+        assert abs(estimate - true_kl) < 0.01
+
+
+def test_whitening_over_real_tokens():
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = whiten(x, mask)
+    real = w[mask.bool()]
+    assert abs(real.mean().item()) < 1e-6 and abs(real.std(unbiased=False).item() - 1) < 1e-3
+    assert w[0, 3] == 0
+
+
+def test_adaptive_kl_moves_beta_toward_the_target():
+    control = AdaptiveKLController(0.1, target=4.0, horizon=10)
+    control.update(8.0, n_steps=1)
+    assert control.beta > 0.1
+    control = AdaptiveKLController(0.1, target=4.0, horizon=10)
+    control.update(1.0, n_steps=1)
+    assert control.beta < 0.1
+
+
+def test_value_model_starts_as_the_reward_model(tmp_path):
+    config = MiniGPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=32)
+    torch.manual_seed(0)
+    MiniGPTForSequenceClassification(config).save_pretrained(tmp_path)
+    from minigpt.checkpoint import load_sequence_classifier
+
+    reward_model = load_sequence_classifier(tmp_path)
+    value_model = TokenValueModel(load_sequence_classifier(tmp_path))
+    for (name, a), (_, b) in zip(reward_model.state_dict().items(), value_model.scorer.state_dict().items()):
+        assert torch.equal(a, b), name
+    x = torch.randint(0, 50, (2, 7))
+    mask = torch.ones_like(x)
+    assert torch.allclose(value_model(x, mask)[:, -1], reward_model(x, attention_mask=mask).logits.squeeze(-1))
+
+
+class ToyTokenizer:
+    end_id, pad_id = 1, 0
+
+
+class ToyConfig:
+    max_new_tokens, temperature, top_k, top_p = 6, 1.0, 0, 1.0
+    reward_clip, no_end_penalty, kl_estimator = 5.0, 0.0, "k1"
+    gamma, lam = 1.0, 0.95
+    ppo_epochs, minibatch_size, clip_range, clip_range_value, value_coef = 2, 16, 0.2, 0.2, 0.5
+    grad_clip, target_approx_kl, ptx_coef = 1.0, 1.0, 0.0
+
+
+def test_ppo_learns_to_say_the_rewarded_token():
+    """A toy reward that pays for token 7 in the answer: after a few PPO steps token 7 is more frequent."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    config = MiniGPTConfig(vocab_size=12, n_layer=1, n_head=2, n_embd=16, block_size=32, pad_token_id=0)
+    policy = MiniGPTForCausalLM(config)
+    reference = MiniGPTForCausalLM(config)
+    reference.load_state_dict(policy.state_dict())
+    reference.requires_grad_(False)
+    value_model = TokenValueModel(MiniGPTForSequenceClassification(config))
+    accelerator = Accelerator(cpu=True)
+    policy_optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
+    value_optimizer = torch.optim.Adam(value_model.parameters(), lr=3e-3)
+    prompts = [[2, 3, 4]] * 32
+
+    def reward_fn(tokens, finished):
+        return torch.tensor([float(sum(t == 7 for t in row)) / 6 for row in tokens])
+
+    def frequency():
+        rollout = make_rollout(policy, reference, value_model, reward_fn, prompts, ToyConfig, ToyTokenizer,
+                               torch.Generator().manual_seed(123))
+        return rollout.raw_scores.mean().item()
+
+    before = frequency()
+    for step in range(15):
+        rollout = make_rollout(policy, reference, value_model, reward_fn, prompts, ToyConfig, ToyTokenizer,
+                               torch.Generator().manual_seed(step))
+        assign_rewards(rollout, beta=0.01, config=ToyConfig)
+        ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout, ToyConfig, accelerator,
+                   generator=torch.Generator().manual_seed(step))
+    after = frequency()
+    assert after > before + 0.1, (before, after)
+
+
+def test_health_verdict_names_reward_hacking():
+    before = {"rm_score": 0.0, "gold_score": 0.6, "kl": 0.0, "length": 10, "repetition": 0.0, "distinct": 1.0,
+              "end_rate": 1.0}
+    hacked = {**before, "rm_score": 1.0, "gold_score": 0.4, "kl": 2.0}
+    healthy, lines = health_verdict(before, hacked, kl_budget=6.0, history=[])
+    assert not healthy and any("REWARD HACKING" in line for line in lines)
+    good = {**before, "rm_score": 0.8, "gold_score": 0.7, "kl": 2.0}
+    healthy, lines = health_verdict(before, good, kl_budget=6.0, history=[])
+    assert healthy and lines[0].startswith("VERDICT: healthy")
+    runaway = {**good, "length": 40, "end_rate": 0.3, "kl": 9.0}
+    healthy, lines = health_verdict(before, runaway, kl_budget=6.0, history=[])
+    assert not healthy and any("length ran away" in line for line in lines) and any("over the budget" in l for l in lines)

@@ -1,0 +1,56 @@
+import math
+import random
+
+import torch
+
+from minigpt.ranking import ranking_loss, ranking_metrics, ranking_pairs, ranks_from_scores
+from minigpt.reward_model import RankingCollator
+
+
+def test_ranks_from_scores_are_dense_and_keep_ties():
+    assert ranks_from_scores([0.2, 0.9, 0.2, 0.5]) == [2, 0, 2, 1]
+
+
+def test_label_noise_swaps_adjacent_levels_only():
+    rng = random.Random(0)
+    noisy = [ranks_from_scores([0.9, 0.5, 0.1], noise=1.0, rng=rng) for _ in range(3)]
+    assert all(sorted(r) == [0, 1, 2] for r in noisy)
+    assert ranks_from_scores([0.9, 0.5, 0.1], noise=0.0) == [0, 1, 2]
+
+
+def test_pairs_of_a_ranking_with_a_tie():
+    # responses 0 and 2 tie for best, 1 is worst: two comparisons, no pair between the tied ones
+    assert sorted(ranking_pairs([0, 1, 0])) == [(0, 1), (2, 1)]
+    assert len(ranking_pairs([0, 1, 2, 3])) == 6  # C(4, 2)
+
+
+def test_loss_equals_a_hand_computation_on_k3_with_a_tie():
+    rewards = torch.tensor([1.0, -0.5, 0.3])
+    ranks = [0, 1, 0]
+    pairs = ranking_pairs(ranks)
+    better = torch.tensor([i for i, _ in pairs])
+    worse = torch.tensor([j for _, j in pairs])
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    by_hand = -(math.log(sigmoid(1.0 - -0.5)) + math.log(sigmoid(0.3 - -0.5))) / 2
+    assert abs(ranking_loss(rewards, better, worse).item() - by_hand) < 1e-6
+
+
+def test_collator_keeps_every_pair_of_a_prompt_in_the_batch():
+    rows = [{"responses_ids": [[1, 2], [3], [4, 5, 6]], "ranks": [0, 2, 1]},
+            {"responses_ids": [[7], [8, 9]], "ranks": [1, 0]}]
+    batch = RankingCollator(pad_token_id=0)(rows)
+    assert batch["input_ids"].shape == (5, 3)  # every response once
+    assert batch["attention_mask"].sum(1).tolist() == [2, 1, 3, 1, 2]
+    pairs = set(zip(batch["better"].tolist(), batch["worse"].tolist()))
+    assert pairs == {(0, 1), (0, 2), (2, 1), (4, 3)}  # 3 pairs of prompt 1, 1 of prompt 2 (offset 3)
+
+
+def test_metrics_on_known_scores():
+    perfect = ranking_metrics([([3.0, 2.0, 1.0], [0, 1, 2])])
+    assert (perfect.pairwise_accuracy, perfect.top1_accuracy, perfect.kendall_tau) == (1.0, 1.0, 1.0)
+    reversed_ = ranking_metrics([([1.0, 2.0, 3.0], [0, 1, 2])])
+    assert (reversed_.pairwise_accuracy, reversed_.top1_accuracy, reversed_.kendall_tau) == (0.0, 0.0, -1.0)
+    mixed = ranking_metrics([([2.0, 3.0, 1.0], [0, 1, 2]), ([0.0, 0.0], [0, 0])])
+    assert mixed.n_prompts == 1  # an all-tied prompt has nothing to compare
+    assert abs(mixed.pairwise_accuracy - 2 / 3) < 1e-9 and abs(mixed.kendall_tau - 1 / 3) < 1e-9
+    assert mixed.top1_accuracy == 0.0
