@@ -32,14 +32,21 @@ RUNS_ROOT ?= runs
 R := $(RUNS_ROOT)/$(RUN)
 export PYTHONUNBUFFERED := 1
 
-# `accelerate launch` for several processes. Without GPUs, --multi_gpu falls back to gloo CPU
-# processes (plain `--cpu --num_processes N` would silently start only one).
+# `accelerate launch` for several processes: one per GPU, or N CPU processes over gloo. Without
+# CUDA, --multi_gpu still starts N processes, but each one thinks it is alone (world size 1) unless
+# ACCELERATE_USE_CPU is set; with it they join one gloo group. (`--cpu --num_processes N` would
+# silently start a single process.) NPROC overrides the config file's num_processes.
 ifeq ($(NPROC),1)
 LAUNCH := $(PY)
-else ifneq ($(ACCEL_CONFIG),)
+else
+CUDA_AVAILABLE := $(shell if test -x $(PY); then $(PY) -c "import torch; print(int(torch.cuda.is_available()))"; \
+                          elif nvidia-smi -L >/dev/null 2>&1; then echo 1; else echo 0; fi)
+export ACCELERATE_USE_CPU := $(if $(filter 1,$(CUDA_AVAILABLE)),false,true)
+ifneq ($(ACCEL_CONFIG),)
 LAUNCH := $(VENV)/bin/accelerate launch --config_file $(ACCEL_CONFIG) --num_processes $(NPROC)
 else
 LAUNCH := $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no
+endif
 endif
 
 COMMON = --run $(RUN) --runs-root $(RUNS_ROOT) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data $(DATA))

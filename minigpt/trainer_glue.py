@@ -83,7 +83,7 @@ def common_training_arguments(out_dir: Path, config, seed: int, steps_per_epoch_
         bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
         # TRL turns activation checkpointing on by default; our models are small enough to keep
         # activations, and recomputing them would double the forward cost.
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         dataloader_num_workers=0,
         disable_tqdm=False,

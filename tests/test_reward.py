@@ -1,0 +1,63 @@
+import json
+import signal
+import subprocess
+import time
+
+from conftest import PYTHON, REPO, SHARED_DATA, run_stage
+
+import pytest
+
+
+def test_samples_writes_k_distinct_ranked_responses_per_prompt(tiny_ppo):
+    records = [json.loads(line) for line in (tiny_ppo / "t" / "samples" / "ranked.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line) for line in (tiny_ppo / "t" / "data" / "prompts_ranking.jsonl").read_text().splitlines()]
+    assert len(records) == len(prompts)
+    for record in records:
+        assert len(record["responses"]) == 4 == len(set(record["responses"]))
+        assert len(record["ranks"]) == 4 and min(record["ranks"]) == 0
+        best = max(record["scores"])
+        assert all((rank == 0) == (score == best) for rank, score in zip(record["ranks"], record["scores"]))
+        assert record["policy"].endswith("sft") and record["prompt"][-1]["role"] == "user"
+
+
+def test_reward_metrics_are_reported(tiny_ppo):
+    metrics = json.loads((tiny_ppo / "t" / "reward" / "metrics.json").read_text())
+    for key in ("pairwise_accuracy", "top1_accuracy", "kendall_tau"):
+        assert -1 <= metrics[key] <= 1
+    assert metrics["reward_std"] > 0
+
+
+@pytest.mark.parametrize("name", ["preferences_sample.jsonl", "chat_sample.jsonl"])
+def test_reward_trains_on_real_preference_formats(tiny_sft, tmp_path, name):
+    source = SHARED_DATA / name
+    if not source.exists():
+        pytest.skip(f"{source} is absent (../shared/data is only on the developers' machines)")
+    subset = tmp_path / name
+    subset.write_text("".join(source.read_text().splitlines(keepends=True)[:40]))
+    out = tmp_path / "reward"
+    run_stage("reward", tiny_sft.parents[1], "--data", str(subset), "--out", str(out), "max_steps=3")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_prompts"] > 10 and 0 <= metrics["pairwise_accuracy"] <= 1
+
+
+def test_interrupted_ppo_resumes(tiny_ppo, tmp_path):
+    out = tmp_path / "ppo"
+    args = ["--run", "t", "--preset", "tiny", "--runs-root", str(tiny_ppo), "--out", str(out), "steps=12",
+            "save_every=1000", "eval_every=1000"]
+    process = subprocess.Popen([PYTHON, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    curve = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (curve.exists() and len(curve.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=240)[0]
+    assert process.returncode == 130, output[-3000:]
+    state = json.loads((out / "resume" / "state.json").read_text())
+    assert 2 <= state["step"] < 12 and not (out / "metrics.json").exists()
+    result = run_stage("ppo", tiny_ppo, *args[6:], "--out", str(out))
+    assert f"resuming from step {state['step']}" in result.stderr + result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 12 and not (out / "resume").exists()
+    steps = [json.loads(line)["step"] for line in curve.read_text().splitlines()]
+    assert steps.count(state["step"]) == 1  # the resumed curve continues, without duplicates
