@@ -102,7 +102,7 @@ $(R)/sft/metrics.json: $(R)/pretrain/metrics.json $(R)/.settings/sft
 
 samples: $(R)/samples/metrics.json
 $(R)/samples/metrics.json: $(R)/sft/metrics.json $(R)/.settings/samples
-	$(LAUNCH) stages/samples.py $(COMMON) $(call stage_args,SAMPLES,samples)
+	$(PY) stages/samples.py $(COMMON) $(call stage_args,SAMPLES,samples)  # sampling only: one process
 
 label: $(R)/samples/metrics.json
 	$(PY) -m minigpt.label --run $(RUN) --runs-root $(RUNS_ROOT) $(ARGS)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import WEIGHTS, CheckpointError, load_causal_lm
-from minigpt.sample import StreamPrinter, is_chat_checkpoint
+from minigpt.sample import StreamPrinter, add_sampling_arguments, is_chat_checkpoint
 from minigpt.sampling import SamplingConfig, stream
 from minigpt.tokenizer import Tokenizer
 
@@ -330,11 +330,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m minigpt.chat", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint folder, e.g. runs/default/ppo")
     parser.add_argument("--prompt", help="answer this one question and exit")
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(parser)
     args = parser.parse_args(argv)
     for stream_ in (sys.stdin, sys.stdout, sys.stderr):  # odd bytes or a narrow locale never crash it
         if hasattr(stream_, "reconfigure"):

@@ -69,8 +69,8 @@ class PretrainConfig:
     weight_decay: float = 0.1
     beta2: float = 0.95
     warmup_steps: int = 100
-    max_steps: int = 3000
-    max_time: float = 0.0  # seconds of training; 0 = no wall-clock budget
+    max_steps: int = 1500
+    max_time: float = 360.0  # seconds of training (whichever of max_steps/max_time ends first); 0 = none
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto | float32 | bfloat16 (autocast); auto = bf16 where it is fast
     # bookkeeping
@@ -82,10 +82,10 @@ class PretrainConfig:
     compile: bool = False
 
     PRESETS: typing.ClassVar[dict] = {
-        "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=8, lr=3e-3,
+        "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=8, lr=3e-3, max_time=0.0,
                      warmup_steps=10, max_steps=120, eval_every=40, eval_batches=4,
                      save_every=40, sample_every=120),
-        "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=64,
+        "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=64, max_time=0.0,
                     lr=1e-3, warmup_steps=500, max_steps=20000, eval_every=500,
                     save_every=1000, sample_every=2000, dtype="bfloat16"),
     }
@@ -93,7 +93,7 @@ class PretrainConfig:
 
 @dataclass
 class SFTConfig:
-    epochs: float = 2.0
+    epochs: float = 1.0
     max_steps: int = -1  # overrides epochs when > 0
     batch_size: int = 16
     grad_accum: int = 1

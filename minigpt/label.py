@@ -36,8 +36,8 @@ JUDGE_ONLY = ("ranks", "scores", "source")  # the judge's verdict is never copie
 
 def parse_order(text: str, k: int) -> list[int]:
     """'2=1 4 3' with k=4 -> ranks [0, 0, 2, 1]: ranks[i] of response i+1, 0 = best, ties equal (dense)."""
-    groups = re.split(r"[\s,]+", re.sub(r"\s*=\s*", "=", text.strip()))
-    if groups == [""]:
+    groups = [group for group in re.split(r"[\s,]+", re.sub(r"\s*=\s*", "=", text)) if group]
+    if not groups:
         raise ValueError(f"expected an order of 1-{k}, best first, e.g. '{' '.join(map(str, range(1, k + 1)))}'")
     ranks: list[int | None] = [None] * k
     repeated = []

@@ -226,13 +226,16 @@ def ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout: 
     policy.train()
     value_model.train()
     B = rollout.ids.size(0)
+    # minibatch_size counts the rollouts of all processes, as prompts_per_step does: each process
+    # takes its share, so 1 and N processes make the same number of optimiser steps.
+    minibatch = max(1, config.minibatch_size // accelerator.num_processes)
     stats = {"policy_loss": [], "value_loss": [], "entropy": [], "approx_kl": [], "clip_fraction": [],
              "ptx_loss": []}
     stopped_early = False
     for epoch in range(config.ppo_epochs):
         order = torch.randperm(B, generator=generator)
-        for start in range(0, B, config.minibatch_size):
-            idx = order[start:start + config.minibatch_size].to(rollout.ids.device)
+        for start in range(0, B, minibatch):
+            idx = order[start:start + minibatch].to(rollout.ids.device)
             ids, attention, mask = rollout.ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
             logprobs, entropy = response_logprobs(policy, ids, attention, rollout.prompt_width, with_entropy=True)
             loss, clip_fraction, approx_kl = clipped_policy_loss(

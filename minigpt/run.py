@@ -66,6 +66,18 @@ def parse_stage_args(stage: str, argv=None, extra=None) -> StageArgs:
     return args
 
 
+def begin_stage(stage: str, config_class, extra=None, main_process: bool = True):
+    """The prologue every stage shares: arguments, the effective config, logging, seeds → (args, config)."""
+    from minigpt.config import load_config
+    from minigpt.training import seed_everything
+
+    args = parse_stage_args(stage, extra=extra)
+    config = load_config(config_class, args.preset, args.overrides)
+    setup_logging(args.out_dir, main_process)
+    seed_everything(args.seed)
+    return args, config
+
+
 def setup_logging(out_dir: Path | None = None, main_process: bool = True) -> None:
     """Log to stderr (through tqdm, so bars stay intact) and to `train.log` in the stage folder."""
     from tqdm.contrib.logging import _TqdmLoggingHandler
@@ -83,7 +95,7 @@ def setup_logging(out_dir: Path | None = None, main_process: bool = True) -> Non
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     root.setLevel(logging.INFO if main_process else logging.WARNING)
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "rustbpe"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

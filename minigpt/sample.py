@@ -10,8 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from minigpt.checkpoint import CheckpointError, load_causal_lm, read_manifest
 from minigpt.sampling import SamplingConfig, stream
 from minigpt.tokenizer import Tokenizer
@@ -44,6 +42,15 @@ class StreamPrinter:
         return self.tokenizer.decode(self.ids)
 
 
+def add_sampling_arguments(parser, max_new_tokens: int = 100) -> None:
+    """The decoding flags every sampling command shares (sample, chat)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=50, help="0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def load_for_sampling(ckpt: str | Path):
     """(model in eval mode, tokenizer) of a checkpoint folder, with errors that say what is there."""
     path = Path(ckpt)
@@ -62,14 +69,9 @@ def main(argv=None):
     parser.add_argument("--chat", choices=("auto", "yes", "no"), default="auto",
                         help="format the prompt as a chat turn (auto: for sft/ppo checkpoints)")
     parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    add_sampling_arguments(parser)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model, tokenizer = load_for_sampling(args.ckpt)
     chat = args.chat == "yes" or (args.chat == "auto" and is_chat_checkpoint(Path(args.ckpt)))
     if chat:

@@ -4,11 +4,17 @@ One callback gives every Trainer the library's behaviour: metrics to `metrics.js
 Trainer checkpoint and stops (exit 130; the same command resumes), a wall-clock budget ends
 training cleanly. Trainer checkpoints live in `<stage>/trainer/` and are removed once the stage
 has written its final checkpoint.
+
+Under `accelerate launch` (NPROC>1) the Trainer runs data-parallel; the helpers below keep the
+preset's global batch whatever the number of processes, let the stage do its one-off work (gold
+evaluation, saving) on the main process only, and check that every process ends with the same weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -101,3 +107,53 @@ def run_trainer(trainer, out_dir: Path, callback: StageCallback):
         from minigpt.run import exit_interrupted
 
         exit_interrupted(Path(out_dir) / TRAINER_DIR)
+    check_replicas_agree(trainer.accelerator, trainer.model)
+
+
+# ---- several processes ---------------------------------------------------------------------------
+# The launcher (`accelerate launch`, torchrun) sets WORLD_SIZE and RANK; read before the Trainer
+# exists, they need no process group (creating accelerate's state early would fix the wrong device).
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of all processes (on all machines): the one that logs, evaluates and saves."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def per_device_batch(global_batch: int, field: str) -> int:
+    """Each process's share of the preset's global batch (`field` names the config field).
+
+    The preset fixes the global batch, so 1 and N processes take the same optimisation steps.
+    """
+    world = world_size()
+    if global_batch % world:
+        raise SystemExit(f"error: {field}={global_batch} is the global batch and must divide evenly over "
+                         f"{world} processes: set {field} to a multiple of {world}, or use another NPROC")
+    return global_batch // world
+
+
+def check_replicas_agree(accelerator, model) -> None:
+    """Log whether every process holds bit-identical weights, as data parallelism should keep them.
+
+    One sha256 of the weights per process, compared on all of them: a cheap end-of-training proof
+    that gradients were synchronised. Skipped for one process and for sharded models (FSDP, ZeRO-3),
+    whose processes hold different shards by design.
+    """
+    from accelerate.utils import DistributedType, gather_object
+
+    if accelerator.num_processes == 1 or accelerator.distributed_type not in (DistributedType.MULTI_CPU,
+                                                                              DistributedType.MULTI_GPU):
+        return
+    digest = hashlib.sha256()
+    for name, tensor in sorted(accelerator.unwrap_model(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digests = gather_object([digest.hexdigest()[:16]])
+    if len(set(digests)) == 1:
+        log.info("replicas agree: all %d processes hold the same weights (sha256 %s)", len(digests), digests[0])
+    else:
+        log.warning("replicas differ: weight hashes per process %s; gradients were not synchronised",
+                    " ".join(digests))

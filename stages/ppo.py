@@ -29,6 +29,7 @@ from minigpt.reward_model import score_conversations
 from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves,
                          require_stage, setup_logging, write_json_atomic, write_text_atomic)
 from minigpt.tokenizer import Tokenizer
+from minigpt.trainer_glue import check_replicas_agree
 from minigpt.training import make_accelerator, seed_everything
 
 log = logging.getLogger("minigpt.ppo")
@@ -88,8 +89,9 @@ def main():
     data = args.data or args.run_dir / "data"
     prompts = load_prompts(data, "ppo")
     eval_prompts = load_prompts(args.run_dir / "data", "eval")[:config.eval_prompts]
-    if config.prompts_per_step % world:
-        raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} is not divisible by {world} processes")
+    if config.prompts_per_step % world or config.minibatch_size % world:
+        raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} and minibatch_size={config.minibatch_size} "
+                         f"count rollouts over all processes and must both be divisible by {world} processes")
     per_process = config.prompts_per_step // world
 
     def reward_fn_for(records):
@@ -166,6 +168,8 @@ def main():
     bar.close()
 
     # --- after: the same evaluation, the verdict, the checkpoint -------------------------------------------
+    check_replicas_agree(accelerator, policy)
+    check_replicas_agree(accelerator, value_model)
     accelerator.wait_for_everyone()
     if is_main:
         final_policy = raw_policy.merge_and_unload() if config.lora else raw_policy

@@ -26,6 +26,7 @@ from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, finger
 from minigpt.sampling import SamplingConfig, generate
 from minigpt.token_data import TokenBlocks, cache_key, cached_tokens, token_stats
 from minigpt.tokenizer import Tokenizer
+from minigpt.trainer_glue import check_replicas_agree
 from minigpt.training import (configure_optimizer, count_parameters, make_accelerator, resolve_dtype,
                               lr_multiplier, seed_everything)
 
@@ -100,8 +101,11 @@ def main():
         for chunk in offsets.split(config.batch_size)[rank::world]:
             with accelerator.autocast():
                 losses.append(loss_of(*val.blocks(chunk)))
-        local = torch.stack(losses).mean() if losses else torch.tensor(0.0, device=accelerator.device)
-        loss = accelerator.reduce(local.to(accelerator.device), reduction="mean").item()
+        # Summed and counted over processes, then divided: processes may hold different numbers of batches.
+        total = torch.stack([torch.stack(losses).sum() if losses else torch.tensor(0.0, device=accelerator.device),
+                             torch.tensor(float(len(losses)), device=accelerator.device)])
+        total = accelerator.reduce(total, reduction="sum")
+        loss = (total[0] / total[1]).item()
         model.train()
         return loss, loss / math.log(2) / bytes_per_token
 
@@ -157,6 +161,8 @@ def main():
             step += 1
             train_tokens_seen += tokens_per_step
             if step % config.log_every == 0 or step == 1:
+                if world > 1:  # each process saw its slice: the global batch's loss is their mean
+                    step_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
                 rate = (step - start_step) * tokens_per_step / max(1e-9, time.time() - started)
                 metrics.log(step=step, train_loss=step_loss, lr=lr, tokens_per_sec=rate,
                             train_tokens=train_tokens_seen)
@@ -176,6 +182,7 @@ def main():
 
     # --- final evaluation and checkpoint ----------------------------------------------------------
     train_time = elapsed_before + time.time() - started
+    check_replicas_agree(accelerator, model)
     val_loss, val_bpb = evaluate()
     final = {"val_loss": val_loss, "val_bpb": val_bpb, "train_tokens": train_tokens_seen,
              "tokens_per_sec": train_tokens_seen / max(1e-9, train_time), "params": params, "steps": step,

@@ -16,16 +16,15 @@ from datasets import Dataset
 from trl import RewardConfig as TRLRewardConfig
 
 from minigpt.checkpoint import load_sequence_classifier, make_manifest, save_model
-from minigpt.config import RewardConfig, load_config
+from minigpt.config import RewardConfig
 from minigpt.data import DataError, load_rankings, split_off
 from minigpt.ranking import ranking_metrics
 from minigpt.reward_model import RankingCollator, RankingRewardTrainer, encode_rankings, score_conversations
-from minigpt.run import (GracefulInterrupt, MetricsLog, parse_stage_args, plot_curves, require_stage,
-                         setup_logging, write_json_atomic)
+from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage,
+                         write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
                                   latest_checkpoint, run_trainer)
-from minigpt.training import seed_everything
 
 log = logging.getLogger("minigpt.reward")
 
@@ -46,11 +45,8 @@ def ranked_sources(args, config: RewardConfig) -> list:
 
 
 def main():
-    args = parse_stage_args("reward")
-    config = load_config(RewardConfig, args.preset, args.overrides)
+    args, config = begin_stage("reward", RewardConfig)
     out = args.out_dir
-    setup_logging(out)
-    seed_everything(args.seed)
     parent = require_stage(args, "sft")
     tokenizer = Tokenizer.load(parent)
 

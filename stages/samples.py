@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import load_causal_lm
-from minigpt.config import SamplesConfig, load_config
+from minigpt.config import SamplesConfig
 from minigpt.data import load_prompts
 from minigpt.judge import score
 from minigpt.ranking import ranks_from_scores
-from minigpt.run import parse_stage_args, require_stage, setup_logging, write_json_atomic, write_text_atomic
+from minigpt.run import begin_stage, require_stage, write_json_atomic, write_text_atomic
 from minigpt.sampling import SamplingConfig, generate_in_batches
 from minigpt.tokenizer import Tokenizer
-from minigpt.training import seed_everything
 
 log = logging.getLogger("minigpt.samples")
 RESAMPLE_ROUNDS = 3  # tries to replace duplicate responses of a prompt by distinct ones
@@ -49,11 +48,8 @@ def sample_responses(model, tokenizer, prompts, config: SamplesConfig, seed: int
 
 
 def main():
-    args = parse_stage_args("samples")
-    config = load_config(SamplesConfig, args.preset, args.overrides)
+    args, config = begin_stage("samples", SamplesConfig)
     out = args.out_dir
-    setup_logging(out)
-    seed_everything(args.seed)
     policy = Path(config.policy) if config.policy else require_stage(args, "sft")
     prompts = load_prompts(args.data or args.run_dir / "data", "ranking")
     model = load_causal_lm(policy).eval()

@@ -15,16 +15,15 @@ from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
 from minigpt.checkpoint import load_causal_lm, make_manifest, save_model
-from minigpt.config import SFTConfig, load_config
+from minigpt.config import SFTConfig
 from minigpt.data import load_dialogues, load_prompts
 from minigpt.evaluation import (answer_chat, answer_fewshot, judge_answers, log_examples,
                                 pick_fewshot_examples)
-from minigpt.run import (GracefulInterrupt, MetricsLog, parse_stage_args, plot_curves, require_stage,
-                         setup_logging, write_json_atomic)
+from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage,
+                         write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
                                   latest_checkpoint, run_trainer)
-from minigpt.training import seed_everything
 
 log = logging.getLogger("minigpt.sft")
 
@@ -37,11 +36,8 @@ def lora_config(config: SFTConfig):
 
 
 def main():
-    args = parse_stage_args("sft")
-    config = load_config(SFTConfig, args.preset, args.overrides)
+    args, config = begin_stage("sft", SFTConfig)
     out = args.out_dir
-    setup_logging(out)
-    seed_everything(args.seed)
     parent = require_stage(args, "pretrain")
     world = args.run_dir / "data"
     source = args.data or world

@@ -5,18 +5,16 @@
 
 import logging
 
-from minigpt.config import TokenizerConfig, load_config
+from minigpt.config import TokenizerConfig
 from minigpt.data import load_texts
-from minigpt.run import parse_stage_args, setup_logging, write_json_atomic
+from minigpt.run import begin_stage, write_json_atomic
 from minigpt.tokenizer import train_tokenizer
 
 log = logging.getLogger("minigpt.tokenizer")
 
 
 def main():
-    args = parse_stage_args("tokenizer")
-    config = load_config(TokenizerConfig, args.preset, args.overrides)
-    setup_logging(args.out_dir)
+    args, config = begin_stage("tokenizer", TokenizerConfig)
     source = args.data or args.run_dir / "data"
     texts = load_texts(source, "train")
 
