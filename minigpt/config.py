@@ -30,7 +30,7 @@ class DataConfig:
     val_fraction: float = 0.05
     n_sft_dialogues: int = 4000
     n_sft_val: int = 200
-    n_ranking_prompts: int = 600  # prompts the reward model's ranked samples come from
+    n_ranking_prompts: int = 400  # prompts the reward model's ranked samples come from
     n_ppo_prompts: int = 600
     n_eval_prompts: int = 200  # held out: gold-judge evaluation of every stage
 
@@ -70,7 +70,7 @@ class PretrainConfig:
     beta2: float = 0.95
     warmup_steps: int = 100
     max_steps: int = 1500
-    max_time: float = 360.0  # seconds of training (whichever of max_steps/max_time ends first); 0 = none
+    max_time: float = 390.0  # seconds of training (whichever of max_steps/max_time ends first); 0 = none
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto | float32 | bfloat16 (autocast); auto = bf16 where it is fast
     # bookkeeping
@@ -97,7 +97,7 @@ class SFTConfig:
     max_steps: int = -1  # overrides epochs when > 0
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_length: int = 256
@@ -132,7 +132,7 @@ class SamplesConfig:
     top_p: float = 1.0
     max_new_tokens: int = 48
     noise: float = 0.0  # probability that a labeller swaps two adjacent responses
-    batch_size: int = 64
+    batch_size: int = 96
     policy: str = ""  # checkpoint to sample from; default runs/$RUN/sft
 
     PRESETS: typing.ClassVar[dict] = {
@@ -165,12 +165,12 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    steps: int = 40  # rollout + update iterations
+    steps: int = 30  # rollout + update iterations
     prompts_per_step: int = 64  # rollouts per step (global)
     minibatch_size: int = 16
     ppo_epochs: int = 2
-    lr: float = 1e-5
-    value_lr: float = 5e-5
+    lr: float = 3e-5
+    value_lr: float = 1e-4
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_k: int = 0

@@ -5,8 +5,9 @@ favourite colour and food, and an age - a dozen towns with a landmark each, and 
 their facts. `generate_world(out_dir, config, seed)` writes, from that world:
 
     pretrain_{train,val}.jsonl   {"text"}: bios, stories, conversations in prose, arithmetic, counting,
-                                 places and animals. Every fact is stated many times, in many phrasings:
-                                 this is where the model learns the world.
+                                 places, animals and reading lessons. Every fact is stated many times, in
+                                 many phrasings: this is where the model learns the world (and small sums,
+                                 and how to answer a question about a passage).
     sft_{train,val}.jsonl        {"messages", "kind", "quality", "judge", "facts_asked"}: chat
                                  demonstrations of mixed quality (good / verbose / curt / wrong), as
                                  real human demonstrations are, so RLHF has something to improve on.
@@ -14,8 +15,9 @@ their facts. `generate_world(out_dir, config, seed)` writes, from that world:
                                  user turns plus what the gold judge (minigpt.judge) needs.
     world.json, stats.json       the world itself (and how its facts were split); sizes and counts.
 
-Kinds of question: `passage` (read a made-up passage, copy the answer), `fact` (a world fact, known
-only from pretraining), `arithmetic`, `instruction` (count, greet, name an animal, repeat a word).
+Kinds of question: `passage` (read a short text about made-up people, copy the answer), `fact` (a
+world fact, known only from pretraining), `arithmetic` (sums and differences of numbers up to 10),
+`instruction` (count a few numbers, greet, name an animal, repeat a word up to four times).
 No prompt text is shared by two of the five sets, and the (person, attribute) facts asked in SFT are
 disjoint from those asked in ranking / PPO / eval: a held-out fact question tests what pretraining
 taught, not what SFT showed.
@@ -43,8 +45,8 @@ log = logging.getLogger(__name__)
 
 # -- the mix of everything ---------------------------------------------------------------------------
 
-DOCUMENT_MIX = {"bio": 0.23, "story": 0.16, "conversation": 0.16, "scene": 0.10, "arithmetic": 0.13,
-                "counting": 0.07, "place": 0.08, "animal": 0.07}
+DOCUMENT_MIX = {"bio": 0.25, "story": 0.16, "conversation": 0.15, "scene": 0.04, "arithmetic": 0.12,
+                "counting": 0.04, "place": 0.08, "animal": 0.04, "reading": 0.12}
 KIND_MIX = {"passage": 0.35, "fact": 0.30, "arithmetic": 0.20, "instruction": 0.15}
 QUALITY_MIX = {"good": 0.50, "verbose": 0.20, "curt": 0.15, "wrong": 0.15}
 TWO_TURN_FRACTION = 0.2  # of SFT dialogues that have a follow-up question
@@ -135,11 +137,25 @@ STATEMENTS = ("town", "job", "pet", "colour", "food", "age")  # a pet sentence s
 AGE_RANGE = (16, 85)
 MIN_PEOPLE = 4
 
-# Made-up words for reading-comprehension passages: never world names, so the answer must be read.
-SYLLABLE_ONSETS = "b d f g h k l m n p r s t v z br dr gr kr tr st sh th".split()
-SYLLABLE_VOWELS = "a e i o u a e o".split()
-SYLLABLE_CODAS = ["", "", "", "n", "l", "r", "s", "m", "k", "th", "x"]
-MADE_UP_TOWN_ENDINGS = "ford wick dale mere ton by holm stead moor haven bury".split()
+# Reading-comprehension passages are about made-up people with short, ordinary first names - never a
+# world person's name, nor one that starts like it (or like another passage name) - living in towns made
+# of a few common parts, keeping pets with everyday pet names. Short names and shared parts are frequent
+# enough in the pretraining text to be a token or three each, so a small model can copy them; none of
+# them is in the world, so the answer can only be read from the passage.
+PASSAGE_FEMALE_NAMES = """Abby Amber Amy Bess Bridget Cathy Dora Emma Eve Fay Gail Gina Grace Holly Iris Jade
+Jane Jess Jill Joan Josie June Kathy Kay Kelly Kim Lily Louise Marion Martha Mary Nancy Nell Polly Ruby
+Sally Sue Tilly Tina Annie Ava Becky Betty Cara Carol Chloe Cleo Connie Diane Ellen Eva Evie Hope Ivy
+Jean Joyce Judy Karen Katie Kitty Linda Lisa Liz Lois Mae Maud Norma Rita Susan Tracy""".split()
+PASSAGE_MALE_NAMES = """Alan Albert Alfie Andrew Andy Barry Bert Bill Bob Brian Chris Clive Dale Dave Derek Doug
+Drew Frank Hal Harold Herb Howard Ian Jack Jerry Jim Joe John Josh Keith Ken Larry Lee Luke Mark Martin Mason
+Matt Michael Nathan Nick Phil Ray Richard Rob Rod Roger Ron Roy Sid Stan Steve Terry Tim Wade Abe Alex Archie
+Arthur Bart Chad Clay David Eddie Eric Ethan Gary Gene Glen Greg Henry James Jeff Kurt Mike Neil Owen Ralph Ross
+Ryan Tony Troy Wayne""".split()
+PASSAGE_PET_NAMES = """Spot Chip Rex Tiny Lucky Buddy Teddy Sugar Ginger Cookie Tiger Bandit Berry Storm
+Frosty Buster Rocky Nugget Puddle Sparkle Mango Pixie Whisper""".split()
+PASSAGE_TOWNS = [start + end for start in ("Sun", "Sand", "Snow", "Gold", "Well", "Fair")
+                 for end in ("ford", "wood", "bury", "gate", "ton", "wick")]
+PASSAGE_AGE_RANGE = (18, 90)  # grown-ups: they have jobs
 
 # -- the wording: facts, questions and answers ---------------------------------------------------------
 # Slots: {n} name, {s}/{o}/{p} she/her/her (he/him/his), {S}/{P} capitalised, {town}, {job}, {a_job},
@@ -267,6 +283,15 @@ PASSAGE_PROMPTS = ["Read the passage and answer the question.\n\n{passage}\n\nQu
                    "Passage: {passage}\nQuestion: {question}", "{passage} {question}",
                    "Please read this. {passage}\nNow answer: {question}",
                    "Use the text below to answer.\n{passage}\n{question}"]
+# Pretraining's reading lessons: a passage, then one to three questions about it, each answered in a full
+# sentence restating the question's subject - the skill a passage prompt asks for, taught in prose.
+READING_OPENINGS = ["Read the passage and answer the questions.\n\n{passage}\n\n", "{passage}\n\n",
+                    "Here is a short text:\n{passage}\n", "Passage: {passage}\n", "{passage} ",
+                    "Please read this. {passage}\n", "A reading lesson. {passage}\n",
+                    "The teacher read a little story to the class. \"{passage}\" Then she asked some questions.\n"]
+READING_ANSWERS = ["Question: {q}\nAnswer: {a}", "Q: {q}\nA: {a}", "{q} {a}",
+                   "\"{q_said}\" asked the teacher. \"{a_said}\" said one of the children.",
+                   "{q} The text tells us: {a}", "If someone asks \"{q}\", the answer is: {a}"]
 FOLLOW_UP_OPENERS = ["Thanks! ", "Great. ", "Good, one more: ", "Now another task: ", "Well done. "]
 
 PLUS_QUESTIONS = ["What is {a} plus {b}?", "How much is {a} plus {b}?", "What do you get when you add {a} and {b}?",
@@ -526,6 +551,90 @@ def allocate(n: int, mix: dict, rng: random.Random) -> list:
     return labels
 
 
+# -- passages and small sums: shared by pretraining documents and questions --------------------------------
+
+# The phrasings that state their attribute and nothing else, so a passage states each fact exactly once,
+# and that name the answer (not "{n} bakes bread", which leaves "baker" to be guessed).
+PASSAGE_SENTENCES = {attribute: [t for t in templates if stated_attributes(t) == stated_attributes(templates[0])
+                                 and (attribute != "job" or "job}" in t)]
+                     for attribute, templates in FACT_SENTENCES.items()}
+
+
+def write_passage(rng: random.Random) -> dict:
+    """A short text about two made-up people: 2-3 facts about the main one (the one a first question asks
+    about) and 1-2 about the other - half the time the same kind of fact, as a distractor - in a random
+    order. 3-5 sentences, each fact stated once.
+
+    Returns {"text", "people": [main, other], "askable": [(person, attribute)...] every stated fact,
+    "main_askable": the main person's, "stated": {attribute: [values stated]}}."""
+    named = [(n, "female") for n in PASSAGE_FEMALE_NAMES] + [(n, "male") for n in PASSAGE_MALE_NAMES]
+    values = zip(rng.sample(named, 2), rng.sample(PASSAGE_TOWNS, 2), rng.sample(sorted(JOBS), 2),
+                 rng.sample(PETS, 2), rng.sample(PASSAGE_PET_NAMES, 2), rng.sample(COLOURS, 2),
+                 rng.sample(FOODS, 2), rng.sample(range(PASSAGE_AGE_RANGE[0], PASSAGE_AGE_RANGE[1] + 1), 2))
+    main, other = [Person(name=name, gender=gender, town=town, job=job, pet=pet, pet_name=pet_name, colour=colour,
+                          food=food, age=age)
+                   for (name, gender), town, job, pet, pet_name, colour, food, age in values]
+    main_attributes = rng.sample(STATEMENTS, rng.choice([2, 3]))
+    n_other = rng.choice([1, 2])
+    if rng.random() < 0.5:  # the other person answers the same kind of question: the name must be read too
+        shared = rng.choice(main_attributes)
+        other_attributes = [shared] + rng.sample([a for a in STATEMENTS if a != shared], n_other - 1)
+    else:
+        other_attributes = rng.sample(STATEMENTS, n_other)
+    statements = [(main, a) for a in main_attributes] + [(other, a) for a in other_attributes]
+    rng.shuffle(statements)  # every sentence names its person: the order carries no hint
+    sentences, askable, stated = [], [], {}
+    for person, attribute in statements:
+        template = rng.choice(PASSAGE_SENTENCES[attribute])
+        sentences.append(template.format(**slots(person)))  # ages in digits: copied, never converted
+        for fact in sorted(stated_attributes(template)):  # a pet sentence states the pet's name too
+            askable.append((person, fact))
+            stated.setdefault(fact, []).append(_value(person, fact))
+    return {"text": " ".join(sentences), "people": [main, other], "askable": askable,
+            "main_askable": [(person, a) for person, a in askable if person is main], "stated": stated}
+
+
+SMALL_OPERANDS = (0, 10)  # arithmetic prompts: sums up to 20, differences never below 0
+
+
+def small_problem(rng: random.Random, op: str, lowest: int = SMALL_OPERANDS[0]) -> tuple[int, int, int]:
+    """(a, b, result) of a sum or difference of two numbers in lowest..10; the result is never below
+    `lowest` either (a story's "2 marbles left" reads better than "0 marbles")."""
+    while True:
+        a, b = rng.randint(lowest, SMALL_OPERANDS[1]), rng.randint(lowest, SMALL_OPERANDS[1])
+        if op == "minus" and b > a:
+            a, b = b, a
+        result = a + b if op == "plus" else a - b
+        if result >= lowest:
+            return a, b, result
+
+
+def sum_sentence(op: str, a: int, b: int, r: int, rng: random.Random, person: Person) -> str:
+    """`a op b = r` written out, in one of many phrasings (some as a chat question and its answer)."""
+    s, thing = slots(person), rng.choice(THINGS)
+    words_a, words_b, words_r = number_to_words(a), number_to_words(b), number_to_words(r)
+    if op == "plus":
+        question, answer = rng.choice(PLUS_QUESTIONS), rng.choice(PLUS_ANSWERS)
+        story_question, story_answer = rng.choice(STORY_SUMS)
+        forms = [f"{a} plus {b} is {r}.", f"{words_a.capitalize()} plus {words_b} makes {words_r}.",
+                 f"If you add {a} and {b}, you get {r}.", f"{a} + {b} = {r}.", f"{a} and {b} make {r}.",
+                 f"The sum of {a} and {b} is {r}.", f"{words_a.capitalize()} and {words_b} is {words_r}."]
+    else:
+        question, answer = rng.choice(MINUS_QUESTIONS), rng.choice(MINUS_ANSWERS)
+        story_question, story_answer = rng.choice(STORY_DIFFERENCES)
+        forms = [f"{a} minus {b} is {r}.", f"{words_a.capitalize()} take away {words_b} leaves {words_r}.",
+                 f"If you take {b} from {a}, you get {r}.", f"{a} - {b} = {r}.", f"{a} take away {b} is {r}.",
+                 f"{words_a.capitalize()} minus {words_b} is {words_r}."]
+    if rng.random() < 0.3:  # the chat's question and answer, in prose: the most direct lesson for SFT
+        return question.format(a=spell(a, rng, 0.25), b=spell(b, rng, 0.25)) + " " + answer.format(a=a, b=b, r=r)
+    if min(a, b, r) >= 2:  # stories count things: "1 marbles" would teach bad English
+        values = {**s, "things": thing}
+        forms.append(story_question.format(a=a, b=b, **values) + " " + story_answer.format(r=r, **values))
+        forms.append(f"{person.name} had {a} {thing} and found {b} more, so {s['s']} had {r} {thing}." if op == "plus"
+                     else f"{person.name} had {a} {thing} and gave away {b}, so {s['s']} had {r} left.")
+    return rng.choice(forms)
+
+
 # -- pretraining documents ----------------------------------------------------------------------------
 
 class DocumentWriter:
@@ -534,6 +643,7 @@ class DocumentWriter:
     def __init__(self, world: World, rng: random.Random):
         self.world, self.rng = world, rng
         self.mentions = Counter()  # (name, attribute) -> sentences stating it
+        self.passages: set[str] = set()  # reading passages written, so no prompt reuses one
         self._queue: list[Person] = []
 
     def next_person(self, exclude: Person | None = None) -> Person:
@@ -698,37 +808,46 @@ class DocumentWriter:
         return " ".join(sentences)
 
     def arithmetic(self) -> str:
+        """Sums and differences, mostly of numbers up to 10 (the ones prompts ask), some larger for variety."""
         rng = self.rng
         lines = []
-        for _ in range(rng.randint(4, 8)):
+        for _ in range(rng.randint(8, 14)):  # about 40 statements of each small sum in the cpu world
             op = rng.choice(["plus", "minus"])
-            a, b = (rng.randint(1, 12), rng.randint(1, 12)) if rng.random() < 0.6 else (rng.randint(10, 60), rng.randint(1, 39))
-            if op == "minus" and b > a:
-                a, b = b, a
-            r = a + b if op == "plus" else a - b
-            thing = rng.choice(THINGS)
-            person = rng.choice(self.world.people)
-            s = slots(person)
-            if op == "plus":
-                forms = [f"{a} plus {b} is {r}.", f"{number_to_words(a).capitalize()} plus {number_to_words(b)} makes {number_to_words(r)}.",
-                         f"If you add {a} and {b}, you get {r}.", f"{a} + {b} = {r}.",
-                         f"What is {a} plus {b}? It is {r}.",
-                         f"{person.name} had {a} {thing} and found {b} more, so {s['s']} had {r} {thing}.",
-                         f"There were {a} {thing} in the basket. {person.name} added {b}, and then there were {r}."]
+            if rng.random() < 0.88:
+                if op == "plus":
+                    a, b, r = small_problem(rng, op)
+                else:  # every small difference, and every small sum read backwards (12 minus 5 is 7)
+                    b, r = rng.randint(*SMALL_OPERANDS), rng.randint(*SMALL_OPERANDS)
+                    a = b + r
             else:
-                forms = [f"{a} minus {b} is {r}.", f"{number_to_words(a).capitalize()} take away {number_to_words(b)} leaves {number_to_words(r)}.",
-                         f"If you take {b} from {a}, you get {r}.", f"{a} - {b} = {r}.",
-                         f"What is {a} minus {b}? It is {r}.",
-                         f"{person.name} had {a} {thing} and gave away {b}, so {s['s']} had {r} left.",
-                         f"There were {a} {thing} on the shelf. {person.name} took {b}, which left {r}."]
-            lines.append(rng.choice(forms))
+                a, b = rng.randint(10, 60), rng.randint(1, 39)
+                if op == "minus" and b > a:
+                    a, b = b, a
+                r = a + b if op == "plus" else a - b
+            lines.append(sum_sentence(op, a, b, r, rng, rng.choice(self.world.people)))
         intro = rng.choice(["", "Let us practise some sums. ", "Here are some little sums. ", "Numbers are fun. ",
                             f"{rng.choice(self.world.people).name} was doing sums at the kitchen table. "])
         return intro + " ".join(lines)
 
+    def reading(self) -> str:
+        """A made-up passage, then questions about it answered from the text (the first about its main person)."""
+        rng = self.rng
+        passage = write_passage(rng)
+        self.passages.add(passage["text"])
+        first = rng.choice(passage["main_askable"])
+        rest = [pair for pair in passage["askable"] if pair != first]
+        pairs = [first] + rng.sample(rest, min(len(rest), rng.choice([0, 1, 1, 2])))
+        lines = []
+        for person, attribute in pairs:
+            question = rng.choice(FACT_QUESTIONS[attribute]).format(**slots(person))
+            answer = rng.choice(GOOD_ANSWERS[attribute]).format(**slots(person))
+            said = {"q_said": question[:-1] + "," if question.endswith(".") else question, "a_said": answer[:-1] + ","}
+            lines.append(rng.choice(READING_ANSWERS).format(q=question, a=answer, **said))
+        return rng.choice(READING_OPENINGS).format(passage=passage["text"]) + "\n".join(lines)
+
     def counting(self) -> str:
         rng = self.rng
-        start = rng.randint(1, 40)
+        start = rng.randint(1, 15) if rng.random() < 0.7 else rng.randint(1, 40)  # mostly where prompts count
         end = start + rng.randint(3, 12)
         digits = ", ".join(str(i) for i in range(start, end + 1))
         spelled = ", ".join(number_to_words(i) for i in range(start, end + 1))
@@ -821,19 +940,18 @@ def _value(person: Person, attribute: str) -> str:
 class QuestionMaker:
     """Makes questions of every kind; all randomness comes from its `rng`."""
 
-    def __init__(self, world: World, rng: random.Random):
+    def __init__(self, world: World, rng: random.Random, pretraining_passages: set[str] | frozenset = frozenset()):
         self.world, self.rng = world, rng
         self.world_names = [p.name for p in world.people]
+        self.pretraining_passages = pretraining_passages  # a prompt's passage is never one pretraining showed
         self.categories = {"town": list(TOWNS), "job": sorted(JOBS), "pet": sorted(ANIMALS),
                            "pet_name": sorted(set(PET_NAMES) | {p.pet_name for p in world.people}),
                            "colour": list(COLOURS), "food": list(FOODS)}
-        self.reserved = {w.lower() for w in [*FEMALE_NAMES, *MALE_NAMES, *PET_NAMES, *TOWNS, *JOBS, *ANIMALS,
-                                             *COLOURS, *FOODS, *REPEAT_WORDS, *THINGS]}
 
     def make(self, kind: str) -> Question:
         if kind == "passage":
             passage = self.passage()
-            person, attribute = self.rng.choice(passage["askable"])
+            person, attribute = self.rng.choice(passage["main_askable"])
             return self.passage_question(passage, person, attribute)
         if kind == "arithmetic":
             return self.arithmetic()
@@ -876,46 +994,16 @@ class QuestionMaker:
         question = self.rng.choice(FOLLOW_UP_QUESTIONS[attribute]).format(**slots(person))
         return self.about_person("fact", person, attribute, question, self.categories)
 
-    def made_up_word(self, syllables: int, ending: str = "") -> str:
-        while True:
-            rng = self.rng
-            word = "".join(rng.choice(SYLLABLE_ONSETS) + rng.choice(SYLLABLE_VOWELS) for _ in range(syllables))
-            word = (word + (ending or rng.choice(SYLLABLE_CODAS))).capitalize()
-            if len(word) >= 5 and word.lower() not in self.reserved:  # short ones are too often English
-                return word
-
     def passage(self) -> dict:
-        """A short text about two or three made-up people: the answer must be read, not remembered."""
-        rng = self.rng
-        n_people = rng.choice([2, 2, 3])
-        used: set[str] = set()
-
-        def fresh(syllables: int, ending: str = "") -> str:  # distinct within the passage
-            word = self.made_up_word(syllables, ending)
-            while word in used:
-                word = self.made_up_word(syllables, ending)
-            used.add(word)
-            return word
-
-        people = [Person(name=fresh(2), gender=rng.choice(["female", "male"]),
-                         town=fresh(rng.choice([1, 2]), rng.choice(MADE_UP_TOWN_ENDINGS)), job=job, pet=pet,
-                         pet_name=fresh(2), colour=colour, food=food, age=rng.randint(5, 90))
-                  for job, pet, colour, food in zip(rng.sample(sorted(JOBS), n_people), rng.sample(PETS, n_people),
-                                                    rng.sample(COLOURS, n_people), rng.sample(FOODS, n_people))]
-        sentences, askable = [], []
-        for person in people:
-            stated = set()
-            for attribute in rng.sample(STATEMENTS, rng.choice([2, 3])):
-                text, attributes = fact_sentence(attribute, person, rng)
-                sentences.append(text)
-                stated |= attributes
-            askable += [(person, a) for a in ATTRIBUTES if a in stated]
-        candidates = {"town": [p.town for p in people] + list(TOWNS),
-                      "pet_name": [p.pet_name for p in people] + [p.pet_name for p in self.world.people],
-                      **{k: v for k, v in self.categories.items() if k not in ("town", "pet_name")}}
-        distractors = {a: [getattr(p, a) for p in people] for a in ATTRIBUTES}
-        return {"text": " ".join(sentences), "people": people, "askable": askable, "candidates": candidates,
-                "distractors": distractors}
+        """A short text about made-up people (see write_passage): the answer must be read, not remembered."""
+        passage = write_passage(self.rng)
+        while passage["text"] in self.pretraining_passages:
+            passage = write_passage(self.rng)
+        passage["candidates"] = {**self.categories, "town": [p.town for p in passage["people"]] + list(TOWNS),
+                                 "pet_name": sorted(set(PASSAGE_PET_NAMES) | set(PET_NAMES))}
+        passage["distractors"] = {a: [int(v) if a == "age" else v for v in values]
+                                  for a, values in passage["stated"].items()}
+        return passage
 
     def passage_question(self, passage: dict, person: Person, attribute: str, follow_up: bool = False) -> Question:
         question = self.rng.choice(FACT_QUESTIONS[attribute]).format(**slots(person))
@@ -938,12 +1026,10 @@ class QuestionMaker:
     def arithmetic(self) -> Question:
         rng = self.rng
         op = rng.choice(["plus", "minus"])
-        a, b = (rng.randint(1, 12), rng.randint(1, 12)) if rng.random() < 0.6 else (rng.randint(10, 60), rng.randint(1, 39))
-        if op == "minus" and b > a:
-            a, b = b, a
-        r = a + b if op == "plus" else a - b
+        story = rng.random() < 0.3  # a little story problem
+        a, b, r = small_problem(rng, op, lowest=2 if story else SMALL_OPERANDS[0])  # 2: plural things
         subject = [str(a), str(b)]
-        if rng.random() < 0.3:  # a little story problem
+        if story:
             question, answer = rng.choice(STORY_SUMS if op == "plus" else STORY_DIFFERENCES)
             person = rng.choice(self.world.people)
             values = {**slots(person), "things": rng.choice(THINGS)}
@@ -964,9 +1050,10 @@ class QuestionMaker:
 
     def arithmetic_follow_up(self, previous: Question) -> Question:
         rng = self.rng
-        a = previous.context["result"]
-        op = rng.choice(["plus", "minus"]) if a > 1 else "plus"
-        b = rng.randint(1, 9) if op == "plus" else rng.randint(1, min(9, a))
+        a = previous.context["result"]  # 0..20; the follow-up keeps the result in 0..20 too
+        op = rng.choice([op for op, possible in (("plus", a < 20), ("minus", a > 0)) if possible])
+        largest = min(SMALL_OPERANDS[1], 20 - a if op == "plus" else a)
+        b = rng.randint(1, largest)
         r = a + b if op == "plus" else a - b
         templates = PLUS_ANSWERS if op == "plus" else MINUS_ANSWERS
         good = [t.format(a=a, b=b, r=r) for t in templates]
@@ -986,8 +1073,8 @@ class QuestionMaker:
     def instruction(self, task: str) -> Question:
         rng = self.rng
         if task == "count":
-            a = rng.randint(1, 30)
-            b = a + rng.randint(2, 6)
+            a = rng.randint(1, 14)
+            b = a + rng.randint(2, 5)  # three to six numbers
             prompt = rng.choice(COUNT_INSTRUCTIONS).format(a=spell(a, rng, 0.2), b=spell(b, rng, 0.2))
             numbers = list(range(a, b + 1))
             good = [t.format(a=a, b=b, sequence=", ".join(map(str, numbers))) for t in COUNT_ANSWERS]
@@ -997,7 +1084,7 @@ class QuestionMaker:
             judge = {"check": "count", "start": a, "end": b, "answer": ", ".join(map(str, numbers)), "subject": []}
             curt = " ".join(map(str, numbers))
         elif task == "greet":
-            name = rng.choice(self.world_names) if rng.random() < 0.5 else self.made_up_word(2)
+            name = rng.choice(self.world_names if rng.random() < 0.5 else PASSAGE_FEMALE_NAMES + PASSAGE_MALE_NAMES)
             prompt = rng.choice(GREET_INSTRUCTIONS).format(n=name)
             good = [t.format(n=name) for t in GREET_ANSWERS]
             others = [n for n in self.world_names if n != name]
@@ -1018,7 +1105,7 @@ class QuestionMaker:
                      "habitat": habitat, "subject": [habitat]}
             curt = animal
         elif task == "repeat":
-            word, times = rng.choice(REPEAT_WORDS), rng.randint(2, 5)
+            word, times = rng.choice(REPEAT_WORDS), rng.randint(2, 4)
             prompt = rng.choice(REPEAT_INSTRUCTIONS).format(w=word, k=spell(times, rng, 0.6))
             said = lambda k: ", ".join([word] * k)  # noqa: E731
             good = [said(times).capitalize() + ".", f"Here it is: {said(times)}."]
@@ -1199,7 +1286,7 @@ def generate_world(out_dir: str | Path, config: DataConfig, seed: int) -> dict:
     sizes = {"eval": config.n_eval_prompts, "ppo": config.n_ppo_prompts, "ranking": config.n_ranking_prompts}
     n_fact_prompts = {name: allocation(n, KIND_MIX)["fact"] for name, n in sizes.items()}
     facts = split_facts(world, n_fact_prompts, rng)
-    maker, registry = QuestionMaker(world, rng), PromptRegistry()
+    maker, registry = QuestionMaker(world, rng, writer.passages), PromptRegistry()
     prompts = {name: build_prompt_set(name, sizes[name], maker, registry, fact_plan(facts[name], rng), world, rng)
                for name in PROMPT_SETS}
     sft = {"val": build_dialogues("sft-val", config.n_sft_val, maker, registry, facts["sft"], world, rng, unique=True),

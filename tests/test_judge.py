@@ -11,8 +11,8 @@ from minigpt.world import generate_world
 TOWNS = ["Oakfield", "Brookside", "Stonebridge", "Millbrook", "Ashford", "Redhill"]
 FACT = {"kind": "fact", "check": "mention", "answer": "Oakfield", "candidates": TOWNS[1:], "subject": ["Mara"],
         "reference": "Mara lives in Oakfield."}
-PASSAGE = {"kind": "passage", "check": "mention", "answer": "Quenmoor", "candidates": ["Brisdale", "Oakfield"],
-           "subject": ["Zorel"], "reference": "Zorel lives in Quenmoor."}
+PASSAGE = {"kind": "passage", "check": "mention", "answer": "Sunford", "candidates": ["Goldwick", "Oakfield"],
+           "subject": ["Emma"], "reference": "Emma lives in Sunford."}
 AGE = {"kind": "fact", "check": "number", "answer": "34", "numbers": [], "subject": ["Tom"],
        "reference": "Tom is 34 years old."}
 ARITHMETIC = {"kind": "arithmetic", "check": "number", "answer": "12", "numbers": [7, 5], "subject": ["7", "5"],
@@ -33,9 +33,9 @@ CASES = {
              "That is a great question! Let me think. Mara lives in Oakfield, which is a lovely town. I hope this helps you!",
              "oakfield", "Mara lives in Brookside.",
              "Mara lives in Oakfield, Brookside, Stonebridge, Millbrook, Ashford and Redhill."),
-    "passage": (PASSAGE, "Zorel lives in Quenmoor.",
-                "Sure, I would be happy to help with that. Zorel lives in Quenmoor, just as the passage says. Have a wonderful day!",
-                "quenmoor", "Zorel lives in Brisdale.", "Zorel lives in Quenmoor or Brisdale or maybe Oakfield."),
+    "passage": (PASSAGE, "Emma lives in Sunford.",
+                "Sure, I would be happy to help with that. Emma lives in Sunford, as the passage says. Have a lovely day!",
+                "sunford", "Emma lives in Goldwick.", "Emma lives in Sunford or Goldwick or maybe Oakfield."),
     "age": (AGE, "Tom is 34 years old.", "Good question! I remember this well: Tom is 34 years old, and he is very "
             "proud of it. Let me know if you have any other questions.", "34", "Tom is 43 years old.",
             "Tom is 30, 31, 32, 33, 34, 35 or 36 years old."),

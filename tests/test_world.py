@@ -1,14 +1,18 @@
 """The world generator: deterministic, disjoint prompt sets, held-out facts, honest stats."""
 
 import json
+import random
+import re
 import time
 from itertools import combinations
 
 import pytest
 
 from minigpt.config import DataConfig, load_config
-from minigpt.judge import number_to_words
-from minigpt.world import KIND_MIX, QUALITY_MIX, generate_world
+from minigpt.judge import number_to_words, words
+from minigpt.world import (ANIMALS, COLOURS, FACT_QUESTIONS, FEMALE_NAMES, FOODS, JOBS, KIND_MIX, MALE_NAMES,
+                           PASSAGE_FEMALE_NAMES, PASSAGE_MALE_NAMES, PASSAGE_PET_NAMES, PASSAGE_PROMPTS, PASSAGE_TOWNS,
+                           PET_NAMES, QUALITY_MIX, TOWNS, generate_world, write_passage)
 
 FILES = ["pretrain_train.jsonl", "pretrain_val.jsonl", "sft_train.jsonl", "sft_val.jsonl", "prompts_ranking.jsonl",
          "prompts_ppo.jsonl", "prompts_eval.jsonl", "world.json", "stats.json"]
@@ -156,6 +160,113 @@ def test_passage_answers_can_be_copied_from_the_passage(worlds):
                 text, answer = record["messages"][0]["content"], record["answer"]
                 spelled = number_to_words(int(answer)) if answer.isdigit() else answer
                 assert answer in text or spelled in text, (answer, text)
+
+
+def test_passage_names_are_ordinary_and_never_the_worlds():
+    """Passage people, pets and towns share no word - nor a word's start - with the world's names, nor
+    with each other, so an answer can only be read and a name never half-matches another."""
+    passage_names = PASSAGE_FEMALE_NAMES + PASSAGE_MALE_NAMES + PASSAGE_PET_NAMES + PASSAGE_TOWNS
+    world_names = FEMALE_NAMES + MALE_NAMES + PET_NAMES + list(TOWNS)
+    assert len(PASSAGE_FEMALE_NAMES + PASSAGE_MALE_NAMES) >= 150 and len(set(passage_names)) == len(passage_names)
+    vocabulary = {w for name in [*world_names, *JOBS, *ANIMALS, *COLOURS, *FOODS] for w in words(name)}
+    for name in passage_names:
+        assert words(name)[0] not in vocabulary, name
+        clashes = [other for other in world_names + passage_names
+                   if other != name and other.lower().startswith(name.lower()) and name not in PASSAGE_TOWNS]
+        assert not clashes, (name, clashes)
+
+
+def test_a_passage_is_short_and_states_each_fact_once():
+    rng = random.Random(0)
+    for _ in range(300):
+        passage = write_passage(rng)
+        sentences = re.split(r"(?<=[.!?]) ", passage["text"])
+        assert 3 <= len(sentences) <= 5, passage["text"]
+        main, other = passage["people"]
+        assert main.name in PASSAGE_FEMALE_NAMES + PASSAGE_MALE_NAMES and main.name != other.name
+        assert 2 <= sum(main.name in s for s in sentences) <= 3 and 1 <= sum(other.name in s for s in sentences) <= 2
+        assert passage["main_askable"] and all(person is main for person, _ in passage["main_askable"])
+        for person, attribute in passage["askable"]:
+            value = str(getattr(person, attribute))
+            assert len(re.findall(rf"\b{re.escape(value)}\b", passage["text"])) == 1, (value, passage["text"])
+
+
+def template_pattern(template: str, slots: dict) -> str:
+    """A regex for a template's text: each {slot} by its pattern in `slots`, anything else literally."""
+    parts = re.split(r"\{([a-z_]+)\}", template)  # literal, slot name, literal, ...
+    return "".join(slots[part] if i % 2 else re.escape(part) for i, part in enumerate(parts))
+
+
+def passage_of(prompt: str) -> str:
+    """The passage inside a passage prompt: the prompt matched against each frame and question phrasing."""
+    word = r"[A-Za-z]+"
+    questions = "|".join(template_pattern(q, {"n": word, "p": word, "s": word, "animal": word})
+                         for templates in FACT_QUESTIONS.values() for q in templates)
+    for frame in sorted(PASSAGE_PROMPTS, key=len, reverse=True):  # "{passage} {question}" would match any
+        match = re.fullmatch(template_pattern(frame, {"passage": "(?P<passage>.+)", "question": f"(?:{questions})"}),
+                             prompt, re.S)
+        if match:
+            return match.group("passage")
+    raise AssertionError(f"no passage frame matches {prompt!r}")
+
+
+def test_pretraining_teaches_reading_with_passages_no_prompt_uses(worlds):
+    texts = [r["text"] for s in ("train", "val") for r in read_jsonl(worlds["a"] / f"pretrain_{s}.jsonl")]
+    passage_names = set(PASSAGE_FEMALE_NAMES + PASSAGE_MALE_NAMES)
+    lessons = [t for t in texts if "?" in t and set(re.findall(r"[A-Z][a-z]+", t)) & passage_names]
+    assert len(lessons) >= 0.08 * len(texts)
+    pretraining = "\n".join(texts)
+    prompts = [r for name in PROMPT_SETS for r in read_jsonl(worlds["a"] / f"prompts_{name}.jsonl")]
+    prompts += [{**d, "messages": d["messages"][:1]} for s in ("train", "val")
+                for d in read_jsonl(worlds["a"] / f"sft_{s}.jsonl")]
+    passages = [passage_of(r["messages"][0]["content"]) for r in prompts if r["kind"] == "passage"]
+    assert passages and not [p for p in passages if p in pretraining]
+    assert all(3 <= len(re.split(r"(?<=[.!?]) ", p)) <= 5 for p in passages)
+
+
+def arithmetic_turns(world_dir):
+    """(user turn, judge record) of every arithmetic question: prompt sets, SFT last turns."""
+    for name in PROMPT_SETS:
+        for record in read_jsonl(world_dir / f"prompts_{name}.jsonl"):
+            yield record["messages"][0]["content"], record
+    for split in ("train", "val"):
+        for dialogue in read_jsonl(world_dir / f"sft_{split}.jsonl"):
+            yield dialogue["messages"][-2]["content"], dialogue["judge"]
+
+
+def test_arithmetic_asks_small_sums_and_differences(worlds):
+    asked = 0
+    for turn, record in arithmetic_turns(worlds["a"]):
+        if record["kind"] != "arithmetic":
+            continue
+        a, b = record["numbers"]
+        result = a + b if record["op"] == "plus" else a - b
+        assert int(record["answer"]) == result and 0 <= result <= 20, (turn, record)
+        if not turn.startswith(("And", "Now")):  # a follow-up builds on the previous result
+            assert 0 <= a <= 10 and 0 <= b <= 10, (turn, record)
+            asked += 1
+    assert asked > 20
+
+
+def test_instructions_stay_small(worlds):
+    for turn, record in arithmetic_turns(worlds["a"]):
+        if record.get("task") == "count":
+            assert 3 <= record["end"] - record["start"] + 1 <= 6, turn
+        if record.get("task") == "repeat":
+            assert 2 <= record["times"] <= 4, turn
+
+
+def test_pretraining_sums_are_right_and_mostly_small(worlds):
+    texts = [r["text"] for r in read_jsonl(worlds["a"] / "pretrain_train.jsonl")]
+    sums = [(int(a), op, int(b), int(r)) for t in texts
+            for a, op, b, r in re.findall(r"\b(\d+) (plus|minus|\+|-) (\d+) (?:is|equals|makes|=|leaves) (\d+)\b", t)]
+    assert len(sums) > 200
+    for a, op, b, r in sums:
+        assert r == (a + b if op in ("plus", "+") else a - b), (a, op, b, r)
+    small = [s for s in sums if s[3] <= 20 and max(s[0], s[2]) <= 20]
+    assert len(small) >= 0.75 * len(sums)
+    plus_facts = {(a, b) for a, op, b, _ in small if op in ("plus", "+") and a <= 10 and b <= 10}
+    assert len(plus_facts) >= 60  # most of the 121 small sums, even in the tiny world
 
 
 def test_generate_script_writes_a_world(tmp_path):
