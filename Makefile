@@ -35,7 +35,9 @@ export PYTHONUNBUFFERED := 1
 # `accelerate launch` for several processes: one per GPU, or N CPU processes over gloo. Without
 # CUDA, --multi_gpu still starts N processes, but each one thinks it is alone (world size 1) unless
 # ACCELERATE_USE_CPU is set; with it they join one gloo group. (`--cpu --num_processes N` would
-# silently start a single process.) NPROC overrides the config file's num_processes.
+# silently start a single process.) NPROC (all processes, on all machines) overrides the config
+# file's num_processes; ACCEL_ARGS adds launch flags, e.g. for several machines (docs/distributed.md).
+ACCEL_ARGS ?=
 ifeq ($(NPROC),1)
 LAUNCH := $(PY)
 else
@@ -43,9 +45,9 @@ CUDA_AVAILABLE := $(shell if test -x $(PY); then $(PY) -c "import torch; print(i
                           elif nvidia-smi -L >/dev/null 2>&1; then echo 1; else echo 0; fi)
 export ACCELERATE_USE_CPU := $(if $(filter 1,$(CUDA_AVAILABLE)),false,true)
 ifneq ($(ACCEL_CONFIG),)
-LAUNCH := $(VENV)/bin/accelerate launch --config_file $(ACCEL_CONFIG) --num_processes $(NPROC)
+LAUNCH := $(VENV)/bin/accelerate launch --config_file $(ACCEL_CONFIG) --num_processes $(NPROC) $(ACCEL_ARGS)
 else
-LAUNCH := $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no
+LAUNCH := $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) --num_machines 1 --mixed_precision no --dynamo_backend no $(ACCEL_ARGS)
 endif
 endif
 

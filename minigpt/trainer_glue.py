@@ -5,9 +5,10 @@ Trainer checkpoint and stops (exit 130; the same command resumes), a wall-clock 
 training cleanly. Trainer checkpoints live in `<stage>/trainer/` and are removed once the stage
 has written its final checkpoint.
 
-Under `accelerate launch` (NPROC>1) the Trainer runs data-parallel; the helpers below keep the
+Under `accelerate launch` (NPROC>1) the Trainer runs data-parallel; the helpers at the end keep the
 preset's global batch whatever the number of processes, let the stage do its one-off work (gold
-evaluation, saving) on the main process only, and check that every process ends with the same weights.
+evaluation, saving) on the main process only, make all processes stop at the same step, and check
+that they end with the same weights (pretraining and PPO, our own loops, use the last two as well).
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ class StageCallback(TrainerCallback):
             self.metrics.log(**{"step": state.global_step, "epoch": round(state.epoch or 0, 4), **values})
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupt.requested:
+        # Decided for all processes at once (the slowest clock, any Ctrl-C): all stop at the same step.
+        if agree_max(self.interrupt.requested, args.device):
             self.interrupted = True
             control.should_save = True
             control.should_training_stop = True
-        elif self.max_time and time.time() - self.started >= self.max_time:
+        elif self.max_time and agree_max(time.time() - self.started, args.device) >= self.max_time:
             log.info("wall-clock budget of %.0fs reached at step %d", self.max_time, state.global_step)
             control.should_training_stop = True
         return control
@@ -99,6 +101,7 @@ def common_training_arguments(out_dir: Path, config, seed: int, steps_per_epoch_
 
 def run_trainer(trainer, out_dir: Path, callback: StageCallback):
     """Train, resuming from the newest Trainer checkpoint if an earlier run was interrupted."""
+    require_data_parallel(trainer.accelerator)
     resume = latest_checkpoint(out_dir)
     if resume:
         log.info("resuming from %s", resume)
@@ -135,17 +138,43 @@ def per_device_batch(global_batch: int, field: str) -> int:
     return global_batch // world
 
 
+def require_data_parallel(accelerator) -> None:
+    """Refuse sharded launches (FSDP, DeepSpeed, Megatron): every stage needs the whole model on each
+    process, because the main process alone samples from it, evaluates it and saves it."""
+    from accelerate.utils import DistributedType
+
+    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if accelerator.distributed_type in sharded:
+        raise SystemExit(f"error: accelerate config with distributed_type {accelerator.distributed_type.value}: "
+                         f"minigpt's stages are data-parallel only (the models fit one device with room to "
+                         f"spare); use ACCEL_CONFIG=configs/accelerate/ddp.yaml or no ACCEL_CONFIG")
+
+
+def agree_max(value: float, device) -> float:
+    """The largest `value` over all processes (itself for one), so that all take the same decision.
+
+    Clocks and Ctrl-C reach processes at slightly different moments; a process that stopped or saved
+    alone would leave the others waiting for it in their next collective, for ever.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
 def check_replicas_agree(accelerator, model) -> None:
     """Log whether every process holds bit-identical weights, as data parallelism should keep them.
 
     One sha256 of the weights per process, compared on all of them: a cheap end-of-training proof
-    that gradients were synchronised. Skipped for one process and for sharded models (FSDP, ZeRO-3),
-    whose processes hold different shards by design.
+    that gradients were synchronised.
     """
-    from accelerate.utils import DistributedType, gather_object
+    from accelerate.utils import gather_object
 
-    if accelerator.num_processes == 1 or accelerator.distributed_type not in (DistributedType.MULTI_CPU,
-                                                                              DistributedType.MULTI_GPU):
+    if accelerator.num_processes == 1:
         return
     digest = hashlib.sha256()
     for name, tensor in sorted(accelerator.unwrap_model(model).state_dict().items()):

@@ -9,7 +9,6 @@ reward model and the gold judge; the stage ends with a plain-words health verdic
 Writes runs/<RUN>/ppo/ (or --out for an RLHF round).
 """
 
-import copy
 import logging
 import statistics
 import time
@@ -29,7 +28,7 @@ from minigpt.reward_model import score_conversations
 from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves,
                          require_stage, setup_logging, write_json_atomic, write_text_atomic)
 from minigpt.tokenizer import Tokenizer
-from minigpt.trainer_glue import check_replicas_agree
+from minigpt.trainer_glue import agree_max, check_replicas_agree, require_data_parallel
 from minigpt.training import make_accelerator, seed_everything
 
 log = logging.getLogger("minigpt.ppo")
@@ -44,6 +43,7 @@ def main():
     args = parse_stage_args("ppo", extra=extra_arguments)
     config = load_config(PPOConfig, args.preset, args.overrides)
     accelerator = make_accelerator()
+    require_data_parallel(accelerator)
     out = args.out_dir
     setup_logging(out, accelerator.is_main_process)
     seed_everything(args.seed + accelerator.process_index)
@@ -130,7 +130,8 @@ def main():
     bar = tqdm(total=config.steps, initial=start_step, desc="ppo", disable=not is_main)
     with GracefulInterrupt() as interrupt:
         while step < config.steps:
-            if config.max_time and time.time() - started >= config.max_time:
+            # The slowest clock and any Ctrl-C decide for all processes: all stop at the same step.
+            if config.max_time and agree_max(time.time() - started, device) >= config.max_time:
                 log.info("wall-clock budget reached at step %d", step)
                 break
             generator = torch.Generator(device=device).manual_seed(args.seed * 100_003 + step * world + rank)
@@ -154,7 +155,8 @@ def main():
                 metrics.log(step=step, gold_score=result["gold_score"], eval_rm_score=result["rm_score"],
                             eval_kl=result["kl"])
                 raw_policy.train()
-            if step % config.save_every == 0 or interrupt.requested:
+            interrupted = agree_max(interrupt.requested, device)
+            if step % config.save_every == 0 or interrupted:
                 accelerator.wait_for_everyone()
                 if is_main:
                     save_resume_state(out, raw_policy, policy_optimizer,
@@ -163,7 +165,7 @@ def main():
                                       extra_tensors={"value_model": raw_value.state_dict(),
                                                      "value_optimizer": value_optimizer.state_dict()})
                 accelerator.wait_for_everyone()
-            if interrupt.requested:
+            if interrupted:
                 exit_interrupted(out)
     bar.close()
 

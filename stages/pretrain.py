@@ -26,7 +26,7 @@ from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, finger
 from minigpt.sampling import SamplingConfig, generate
 from minigpt.token_data import TokenBlocks, cache_key, cached_tokens, token_stats
 from minigpt.tokenizer import Tokenizer
-from minigpt.trainer_glue import check_replicas_agree
+from minigpt.trainer_glue import agree_max, check_replicas_agree, require_data_parallel
 from minigpt.training import (configure_optimizer, count_parameters, make_accelerator, resolve_dtype,
                               lr_multiplier, seed_everything)
 
@@ -39,6 +39,7 @@ def main():
     config = load_config(PretrainConfig, args.preset, args.overrides)
     dtype = resolve_dtype(config.dtype)
     accelerator = make_accelerator(dtype)
+    require_data_parallel(accelerator)
     out = args.out_dir
     setup_logging(out, accelerator.is_main_process)
     seed_everything(args.seed)
@@ -135,7 +136,8 @@ def main():
     bar = tqdm(total=config.max_steps, initial=start_step, desc="pretrain", disable=not accelerator.is_main_process)
     with GracefulInterrupt() as interrupt:
         while step < config.max_steps:
-            elapsed = elapsed_before + time.time() - started
+            # The slowest clock counts for all processes: the same learning rate, the same last step.
+            elapsed = agree_max(elapsed_before + time.time() - started, accelerator.device)
             if config.max_time and elapsed >= config.max_time:
                 log.info("wall-clock budget of %.0fs reached at step %d", config.max_time, step)
                 break
@@ -173,9 +175,10 @@ def main():
                 log.info("step %d: val_loss %.4f val_bpb %.4f", step, val_loss, val_bpb)
             if step % config.sample_every == 0 and accelerator.is_main_process:
                 write_samples(step)
-            if step % config.save_every == 0 or interrupt.requested:
+            interrupted = agree_max(interrupt.requested, accelerator.device)  # Ctrl-C stops all at this step
+            if step % config.save_every == 0 or interrupted:
                 save(step, elapsed_before + time.time() - started)
-            if interrupt.requested:
+            if interrupted:
                 exit_interrupted(out)
             bar.update(1)
     bar.close()

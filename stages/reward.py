@@ -24,7 +24,7 @@ from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
-                                  latest_checkpoint, run_trainer)
+                                  is_main_process, latest_checkpoint, per_device_batch, run_trainer)
 
 log = logging.getLogger("minigpt.reward")
 
@@ -45,7 +45,8 @@ def ranked_sources(args, config: RewardConfig) -> list:
 
 
 def main():
-    args, config = begin_stage("reward", RewardConfig)
+    is_main = is_main_process()
+    args, config = begin_stage("reward", RewardConfig, main_process=is_main)
     out = args.out_dir
     parent = require_stage(args, "sft")
     tokenizer = Tokenizer.load(parent)
@@ -65,13 +66,14 @@ def main():
     model.config.pad_token_id = tokenizer.pad_id
     training_args = TRLRewardConfig(
         **common_training_arguments(out, config, args.seed),
-        per_device_train_batch_size=config.prompts_per_batch,  # whole prompts: all their pairs together
-        per_device_eval_batch_size=config.prompts_per_batch,
+        # whole prompts: all their pairs together
+        per_device_train_batch_size=per_device_batch(config.prompts_per_batch, "prompts_per_batch"),
+        per_device_eval_batch_size=per_device_batch(config.prompts_per_batch, "prompts_per_batch"),
         max_length=None,  # rows are truncated when they are encoded
         remove_unused_columns=False,
         center_rewards_coefficient=None,
     )
-    metrics_log = MetricsLog(out / "metrics.jsonl", resume_step=0 if latest_checkpoint(out) else None)
+    metrics_log = MetricsLog(out / "metrics.jsonl", is_main, resume_step=0 if latest_checkpoint(out) else None)
     with GracefulInterrupt() as interrupt:
         callback = StageCallback(metrics_log, interrupt, config.max_time)
         trainer = RankingRewardTrainer(model=model, args=training_args, train_dataset=Dataset.from_list(train_rows),
@@ -79,6 +81,8 @@ def main():
                                        processing_class=tokenizer.to_transformers(),
                                        data_collator=RankingCollator(tokenizer.pad_id), callbacks=[callback])
         run_trainer(trainer, out, callback)
+    if not is_main:  # held-out scoring and the checkpoint are the main process's alone
+        return
     model = trainer.model.eval()
 
     # --- held-out ranking quality, and the reward scale PPO normalises with ---------------------------

@@ -23,7 +23,7 @@ from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
-                                  latest_checkpoint, run_trainer)
+                                  is_main_process, latest_checkpoint, per_device_batch, run_trainer)
 
 log = logging.getLogger("minigpt.sft")
 
@@ -36,7 +36,8 @@ def lora_config(config: SFTConfig):
 
 
 def main():
-    args, config = begin_stage("sft", SFTConfig)
+    is_main = is_main_process()
+    args, config = begin_stage("sft", SFTConfig, main_process=is_main)
     out = args.out_dir
     parent = require_stage(args, "pretrain")
     world = args.run_dir / "data"
@@ -53,15 +54,15 @@ def main():
     model = load_causal_lm(parent)
     training_args = TRLSFTConfig(
         **common_training_arguments(out, config, args.seed),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
+        per_device_train_batch_size=per_device_batch(config.batch_size, "batch_size"),
+        per_device_eval_batch_size=per_device_batch(config.batch_size, "batch_size"),
         gradient_accumulation_steps=config.grad_accum,
         max_length=config.max_length,
         packing=config.packing,
         assistant_only_loss=True,  # the user's words are context, not targets
         dataset_num_proc=None,
     )
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=0 if latest_checkpoint(out) else None)
+    metrics = MetricsLog(out / "metrics.jsonl", is_main, resume_step=0 if latest_checkpoint(out) else None)
     with GracefulInterrupt() as interrupt:
         callback = StageCallback(metrics, interrupt, config.max_time)
         trainer = SFTTrainer(model=model, args=training_args, train_dataset=as_dataset(train_dialogues),
@@ -69,6 +70,8 @@ def main():
                              peft_config=lora_config(config) if config.lora else None, callbacks=[callback])
         run_trainer(trainer, out, callback)
     val_loss = trainer.evaluate()["eval_loss"]
+    if not is_main:  # the gold evaluation and the checkpoint are the main process's alone
+        return
     model = trainer.model
     if config.lora:
         model = model.merge_and_unload()  # one plain model for every later stage
