@@ -10,6 +10,7 @@
 #   ARGS=         key=value overrides for the stage(s) named on the command line
 #   NPROC=1       processes: >1 runs the stage under `accelerate launch` (GPUs, or CPU processes)
 #   ACCEL_CONFIG= an accelerate config file (configs/accelerate/*.yaml) for NPROC>1
+#   ACCEL_ARGS=   more `accelerate launch` flags (e.g. --num_machines 2 --machine_rank 1 ...)
 #   FORCE=        1 reruns the stage(s) named on the command line
 #   RUNS_ROOT=runs  where runs live
 # Stage-specific overrides that survive chaining: PRETRAIN_ARGS, SFT_ARGS, SAMPLES_ARGS, ...

@@ -62,7 +62,7 @@ class PretrainConfig:
     block_size: int = 256  # context length in tokens
     dropout: float = 0.0
     # optimisation
-    batch_size: int = 16  # sequences per optimiser step per process, before accumulation
+    batch_size: int = 16  # sequences per micro-batch; the global batch is batch_size x grad_accum, split over processes
     grad_accum: int = 1
     lr: float = 2e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -95,7 +95,7 @@ class PretrainConfig:
 class SFTConfig:
     epochs: float = 1.0
     max_steps: int = -1  # overrides epochs when > 0
-    batch_size: int = 16
+    batch_size: int = 16  # global, split over processes
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_ratio: float = 0.05
@@ -145,7 +145,7 @@ class SamplesConfig:
 class RewardConfig:
     epochs: float = 2.0
     max_steps: int = -1
-    prompts_per_batch: int = 8  # every pair of one prompt sits in the same batch
+    prompts_per_batch: int = 8  # global; every pair of one prompt sits in the same batch
     lr: float = 1e-4
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
@@ -167,7 +167,7 @@ class RewardConfig:
 class PPOConfig:
     steps: int = 30  # rollout + update iterations
     prompts_per_step: int = 64  # rollouts per step (global)
-    minibatch_size: int = 16
+    minibatch_size: int = 16  # global, split over processes
     ppo_epochs: int = 2
     lr: float = 3e-5
     value_lr: float = 1e-4
