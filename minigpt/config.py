@@ -70,7 +70,7 @@ class PretrainConfig:
     beta2: float = 0.95
     warmup_steps: int = 100
     max_steps: int = 1500
-    max_time: float = 390.0  # seconds of training (whichever of max_steps/max_time ends first); 0 = none
+    max_time: float = 600.0  # seconds of training (whichever of max_steps/max_time ends first); 0 = none
     grad_clip: float = 1.0
     dtype: str = "auto"  # auto | float32 | bfloat16 (autocast); auto = bf16 where it is fast
     # bookkeeping
@@ -93,7 +93,7 @@ class PretrainConfig:
 
 @dataclass
 class SFTConfig:
-    epochs: float = 1.0
+    epochs: float = 3.0
     max_steps: int = -1  # overrides epochs when > 0
     batch_size: int = 16  # global, split over processes
     grad_accum: int = 1
@@ -165,7 +165,7 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    steps: int = 30  # rollout + update iterations
+    steps: int = 24  # rollout + update iterations
     prompts_per_step: int = 64  # rollouts per step (global)
     minibatch_size: int = 16  # global, split over processes
     ppo_epochs: int = 2
@@ -184,7 +184,7 @@ class PPOConfig:
     kl_coef: float = 0.05  # β: the initial coefficient of the per-token KL penalty
     kl_estimator: str = "k1"  # k1 | k3
     adaptive_kl: bool = True
-    kl_target: float = 4.0  # nats per response: the KL budget the adaptive β steers to
+    kl_target: float = 2.0  # nats per response: the KL the adaptive β steers to (budget: 1.5x this)
     kl_horizon: int = 20
     reward_clip: float = 5.0  # normalised reward-model score is clipped to ±this
     no_end_penalty: float = -1.0  # added to the score of a response that never ends
