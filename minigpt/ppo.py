@@ -16,7 +16,6 @@ Tensors of a rollout are (B, R): B responses, R response positions; `mask` marks
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +154,22 @@ def token_values(value_model, ids, attention_mask, prompt_width: int):
 
 # ---- a rollout ---------------------------------------------------------------------------------------
 
+def prompt_and_response_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int, device):
+    """(ids, attention_mask, response_mask, P): left-padded prompts then right-padded responses.
+
+    Shapes (B, P+R), (B, P+R), (B, R); P is the prompt width, so response token t sits at P + t.
+    """
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    R = max(1, max(len(r) for r in responses))
+    response_ids = torch.full((len(prompts), R), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), R), device=device)
+    for row, r in enumerate(responses):
+        response_ids[row, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[row, :len(r)] = 1
+    ids = torch.cat([prompt_ids, response_ids], 1)
+    return ids, torch.cat([prompt_mask, mask.long()], 1), mask, prompt_ids.size(1)
+
+
 @dataclass
 class Rollout:
     ids: torch.Tensor  # (B, P+R) left-padded prompt, then the response (incl. its end token)
@@ -186,17 +201,8 @@ def make_rollout(policy, reference, value_model, reward_fn, prompts: list[list[i
     out = generate(policy, prompts, sampling, stop_ids=[tokenizer.end_id], pad_id=tokenizer.pad_id,
                    generator=generator)
     device = next(policy.parameters()).device
-    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_id, device)
     responses = [t + ([tokenizer.end_id] if f else []) for t, f in zip(out.tokens, out.finished)]
-    R = max(1, max(len(r) for r in responses))
-    response_ids = torch.full((len(prompts), R), tokenizer.pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), R), device=device)
-    for row, r in enumerate(responses):
-        response_ids[row, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[row, :len(r)] = 1
-    ids = torch.cat([prompt_ids, response_ids], 1)
-    attention_mask = torch.cat([prompt_mask, mask.long()], 1)
-    P = prompt_ids.size(1)
+    ids, attention_mask, mask, P = prompt_and_response_batch(prompts, responses, tokenizer.pad_id, device)
 
     logprobs = response_logprobs(policy, ids, attention_mask, P) * mask
     ref_logprobs = response_logprobs(reference, ids, attention_mask, P) * mask
@@ -365,21 +371,8 @@ def kl_to_reference(policy, reference, tokenizer, prompts, answers, batch_size: 
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             texts = answers[start:start + batch_size]
-            prompt_ids, prompt_mask = left_pad(chunk, tokenizer.pad_id, device)
             responses = [tokenizer.encode(t) + [tokenizer.end_id] for t in texts]
-            R = max(len(r) for r in responses)
-            response_ids = torch.full((len(chunk), R), tokenizer.pad_id, dtype=torch.long, device=device)
-            mask = torch.zeros((len(chunk), R), device=device)
-            for row, r in enumerate(responses):
-                response_ids[row, :len(r)] = torch.tensor(r)
-                mask[row, :len(r)] = 1
-            ids = torch.cat([prompt_ids, response_ids], 1)
-            attention = torch.cat([prompt_mask, mask.long()], 1)
-            P = prompt_ids.size(1)
+            ids, attention, mask, P = prompt_and_response_batch(chunk, responses, tokenizer.pad_id, device)
             kl = (response_logprobs(policy, ids, attention, P) - response_logprobs(reference, ids, attention, P)) * mask
             out.extend(kl.sum(1).tolist())
     return out
-
-
-def finite(x: float) -> float:
-    return x if math.isfinite(x) else float("nan")
