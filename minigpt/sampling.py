@@ -69,13 +69,6 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     return logits
 
 
-def _base_model(model):
-    """The module that holds the MiniGPT config (through PEFT and DDP wrappers)."""
-    for attr in ("module",):
-        model = getattr(model, attr, model)
-    return model
-
-
 @torch.no_grad()
 def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(), pad_id: int = 0,
            generator: torch.Generator | None = None):
@@ -83,7 +76,7 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
 
     Rows that already emitted a stop token get `pad_id` from then on.
     """
-    model_config = _base_model(model).config
+    model_config = getattr(model, "module", model).config  # through a DDP wrapper; PEFT forwards .config
     device = next(model.parameters()).device
     max_prompt = model_config.block_size - config.max_new_tokens  # keep the newest context
     prompts = [p[-max_prompt:] if max_prompt > 0 and len(p) > max_prompt else p for p in prompts]
