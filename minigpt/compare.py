@@ -1,65 +1,67 @@
-"""Every stage's model on the same held-out prompts, side by side: `make compare`.
+"""Every stage's model on the same held-out prompts, side by side, with intervals: `make compare`.
 
-    python -m minigpt.compare --run default [--runs-root runs] [--seed 0] [--prompts 100]
+    python -m minigpt.compare --run default [--runs-root runs] [--preset cpu] [prompts=N]
 
-The stages present in runs/<RUN>/ (a folder with metrics.json), in order: `base` (pretrain/, asked
-with a few-shot plain-text prompt, as the SFT stage measures it), `sft`, `ppo`, and each later RLHF
-round `round<n>` (rounds/<n>/ppo). All answer the first N held-out eval prompts with the same
-decoding and seed. Each answer gets the gold judge's score, the reward model's (normalised as PPO
-saw it; null without a reward model), its KL to the SFT model (nats; 0 for SFT itself) and its
-length in tokens.
+The stages present in runs/<RUN>/ (a folder with metrics.json), in pipeline order: `base`
+(pretrain/, asked with a few-shot plain-text prompt), `sft`, `ppo`, `dpo`, `grpo`, and each later
+RLHF round `round<n>` (rounds/<n>/ppo). All go through the one shared evaluation
+(`minigpt.evaluation`: same prompts, greedy and sampled, same seeds); a stage that saved its own
+evaluation under the same settings is not asked again. Every answer also gets the run's reward-model
+score (normalised as PPO saw it), so its calibration against the judge can be read off.
 
-The base model's KL is null: it answered a different prompt (few-shot text, not the chat layout),
-so a log-ratio against SFT under the chat prompt would not measure how far the two models are apart.
-
-Writes runs/<RUN>/compare/: report.md, report.html (self-contained: inline CSS, curves as base64
-PNGs) and report.json, last, since its presence means the comparison is done.
+The report has, with 95% bootstrap intervals over prompts: every stage's gold (sampled and greedy,
+overall and per prompt kind), each stage against its parent (paired gain, win rate), best-of-n from
+SFT (reward-model pick and oracle pick), the reward model's rank correlation with gold, and the
+over-optimisation curve. Writes runs/<RUN>/compare/: report.md, report.html (self-contained: inline
+CSS, curves as base64 PNGs) and report.json, last, since its presence means the comparison is done.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import html
 import json
 import logging
 import math
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from minigpt.checkpoint import load_causal_lm, load_sequence_classifier, read_manifest
-from minigpt.data import load_dialogues, load_prompts
-from minigpt.evaluation import EVAL_SAMPLING, answer_chat, answer_fewshot, pick_fewshot_examples
-from minigpt.judge import score
-from minigpt.ppo import kl_to_reference
-from minigpt.reward_model import score_conversations
+from minigpt.checkpoint import load_causal_lm
+from minigpt.config import EvalConfig, default_preset, load_config
+from minigpt.data import load_dialogues
+from minigpt.evaluation import (add_reward_scores, best_of_n, calibration, eval_records, evaluate, headline,
+                                load_evaluation, load_reward_scorer, pair, pick_fewshot_examples, summarise)
 from minigpt.run import setup_logging, write_json_atomic, write_text_atomic
 from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.compare")
 
 FEWSHOT_EXAMPLES = 3  # demonstrations in the base model's prompt, as the SFT stage's default
-DEFAULT_PROMPTS = 100
 # What each kind of stage folder reports about itself, in the report card.
 HEADLINE_KEYS = {
     "pretrain": ("val_loss", "val_bpb"),
-    "sft": ("val_loss", "gold_score", "gold_score_base"),
-    "reward": ("pairwise_accuracy", "top1_accuracy", "kendall_tau"),
+    "sft": ("val_loss", "gold_sampled", "gold_greedy", "gold_sampled_base"),
+    "reward": ("pairwise_accuracy", "top1_accuracy", "kendall_tau", "best_of_4_gold", "best_of_4_gain",
+               "labelled_prompts", "labelled_comparisons"),
     "ppo": ("reward_before", "reward_after", "gold_before", "gold_after", "kl", "verdict"),
+    "dpo": ("gold_sampled", "gold_greedy", "train_time_sec"),
+    "grpo": ("gold_sampled", "gold_greedy", "train_time_sec"),
 }
-AVERAGES = (("gold_score", "gold"), ("rm_score", "RM"), ("kl_to_sft", "KL to SFT"), ("mean_length", "tokens"))
-RESPONSE_FIELDS = (("gold", "gold"), ("rm", "RM"), ("kl", "KL"), ("length", "tokens"))
+PIPELINE = (("base", "pretrain", "pretrain"), ("sft", "sft", "sft"), ("ppo", "ppo", "ppo"), ("dpo", "dpo", "dpo"),
+            ("grpo", "grpo", "grpo"))
 
 
 @dataclass
 class Stage:
-    name: str  # its column in the report: base, sft, ppo, round2, ...
+    name: str  # its column in the report: base, sft, ppo, dpo, grpo, round2, ...
     folder: Path  # its checkpoint
-    kind: str  # pretrain | sft | ppo: which headline figures its metrics.json has
+    kind: str  # pretrain | sft | ppo | dpo | grpo: which headline figures its metrics.json has
+    parent: str | None = None  # the stage it is measured against
 
 
 def is_finished(folder: Path) -> bool:
@@ -74,108 +76,74 @@ def round_folders(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def find_stages(run_dir: Path) -> list[Stage]:
-    """The finished stages of a run, in pipeline order; missing ones are noted and skipped."""
+    """The finished stages of a run, in pipeline order, each with the parent it is compared with."""
     stages = []
-    for name, folder, kind in (("base", "pretrain", "pretrain"), ("sft", "sft", "sft"), ("ppo", "ppo", "ppo")):
+    parents = {"base": None, "sft": "base", "ppo": "sft", "dpo": "sft", "grpo": "sft"}
+    for name, folder, kind in PIPELINE:
         if is_finished(run_dir / folder):
-            stages.append(Stage(name, run_dir / folder, kind))
-        else:
+            stages.append(Stage(name, run_dir / folder, kind, parents[name]))
+        elif name in ("base", "sft", "ppo"):
             log.info("compare: skipping %s: %s has no metrics.json (not finished)", name, run_dir / folder)
-    stages += [Stage(f"round{n}", path / "ppo", "ppo") for n, path in round_folders(run_dir)
-               if is_finished(path / "ppo")]
+    previous = "ppo"
+    for n, path in round_folders(run_dir):
+        if is_finished(path / "ppo"):
+            stages.append(Stage(f"round{n}", path / "ppo", "ppo", previous))
+            previous = f"round{n}"
     if not stages:
         raise SystemExit(f"error: {run_dir} has no finished stage to compare (looked for metrics.json in pretrain/, "
                          f"sft/, ppo/ and rounds/*/ppo/); run `make ppo RUN={run_dir.name}` first")
+    present = {s.name for s in stages}
+    for stage in stages:  # a missing parent: compare with the nearest earlier stage that is there
+        while stage.parent is not None and stage.parent not in present:
+            stage.parent = parents.get(stage.parent)
     return stages
 
 
 def read_headline(folder: Path, kind: str) -> dict:
     """The figures a stage folder's metrics.json reports about itself (HEADLINE_KEYS[kind])."""
     metrics = json.loads((folder / "metrics.json").read_text())
-    return {key: json_number(metrics[key]) if key != "verdict" else metrics[key] for key in HEADLINE_KEYS[kind]
-            if key in metrics}
+    return {key: json_safe(metrics[key]) for key in HEADLINE_KEYS[kind] if key in metrics}
 
 
 def report_card(run_dir: Path) -> dict[str, dict]:
     """{label: headline figures} of every finished stage folder, reward models included."""
     folders = [("pretrain", run_dir / "pretrain", "pretrain"), ("sft", run_dir / "sft", "sft"),
-               ("reward", run_dir / "reward", "reward"), ("ppo", run_dir / "ppo", "ppo")]
+               ("reward", run_dir / "reward", "reward"), ("ppo", run_dir / "ppo", "ppo"),
+               ("dpo", run_dir / "dpo", "dpo"), ("grpo", run_dir / "grpo", "grpo")]
     for n, path in round_folders(run_dir):
         folders += [(f"round{n} reward", path / "reward", "reward"), (f"round{n} ppo", path / "ppo", "ppo")]
     return {label: read_headline(folder, kind) for label, folder, kind in folders if is_finished(folder)}
 
 
-def json_number(x):
-    """A JSON-safe number: rounded, and None for NaN, infinities and missing values."""
-    if isinstance(x, bool) or x is None:
+def json_safe(x):
+    """Numbers rounded and NaN/inf as None, recursively (lists, dicts); other values as they are."""
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (bool, int, str)) or x is None:
         return x
-    return round(float(x), 6) if math.isfinite(float(x)) else None
-
-
-def mean_or_none(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return json_number(statistics.fmean(values)) if values else None
+    if isinstance(x, (int, float)):
+        return round(float(x), 6) if math.isfinite(float(x)) else None
+    return x
 
 
 # ---- collect and score ---------------------------------------------------------------------------
 
-@dataclass
-class RewardScorer:
-    model: torch.nn.Module
-    tokenizer: Tokenizer
-    mean: float
-    std: float
-
-    def __call__(self, records, responses) -> list[float]:
-        raw = score_conversations(self.model, self.tokenizer, [r["messages"] for r in records], responses)
-        return ((raw - self.mean) / self.std).tolist()
-
-
-def load_reward_scorer(run_dir: Path, device) -> RewardScorer | None:
-    folder = run_dir / "reward"
-    if not is_finished(folder):
-        log.info("compare: no finished reward model at %s; reward-model scores are left null", folder)
-        return None
-    stats = read_manifest(folder).get("metrics") or {}
-    model = load_sequence_classifier(folder).eval().requires_grad_(False).to(device)
-    return RewardScorer(model, Tokenizer.load(folder), stats.get("reward_mean", 0.0),
-                        stats.get("reward_std", 1.0) or 1.0)
-
-
-@torch.no_grad()
-def answer_and_score(stage: Stage, records, examples, seed: int, reference, reward: RewardScorer | None,
-                     device) -> list[dict]:
-    """One stage's answers to `records`, each with its gold, reward-model, KL and length figures."""
-    model, tokenizer = load_causal_lm(stage.folder).eval().to(device), Tokenizer.load(stage.folder)
-    progress = f"{stage.name} answers"
+def stage_evaluation(stage: Stage, run_dir: Path, records, config: EvalConfig, examples, reference, device) -> dict:
+    """A stage's shared evaluation: the one it saved under this config, or a fresh one."""
+    saved = stage.folder.parent / "sft" / "evaluation_base.json" if stage.kind == "pretrain" else \
+        stage.folder / "evaluation.json"
+    evaluation = load_evaluation(saved, config, records)
+    if evaluation is not None:
+        log.info("%s: reusing its saved evaluation (%s)", stage.name, saved)
+        return evaluation
+    model = load_causal_lm(stage.folder).eval().to(device)
+    tokenizer = Tokenizer.load(stage.folder)
     if stage.kind == "pretrain":
-        answers = answer_fewshot(model, tokenizer, records, examples, EVAL_SAMPLING, seed, progress=progress)
-    else:
-        answers = answer_chat(model, tokenizer, records, EVAL_SAMPLING, seed, progress=progress)
-    texts = answers.responses
-    if stage.name == "sft":
-        kl = [0.0] * len(texts)
-    elif stage.kind == "ppo" and reference is not None:
-        prompts = [tokenizer.encode_prompt(r["messages"]) for r in records]
-        kl = kl_to_reference(model, reference, tokenizer, prompts, texts)
-    else:
-        kl = [None] * len(texts)
-    rm = reward(records, texts) if reward is not None else [None] * len(texts)
-    rows = []
-    for record, text, finished, rm_score, kl_score in zip(records, texts, answers.finished, rm, kl):
-        judged = score(record, text, finished)
-        rows.append({"text": text, "finished": finished, "gold": json_number(judged.pop("score")),
-                     "rm": json_number(rm_score), "kl": json_number(kl_score), "length": len(tokenizer.encode(text)),
-                     "components": judged})
-    return rows
-
-
-def summarise(stage: Stage, rows: list[dict], headline: dict) -> dict:
-    components = rows[0]["components"] if rows else {}
-    return {"gold_score": mean_or_none(r["gold"] for r in rows), "rm_score": mean_or_none(r["rm"] for r in rows),
-            "kl_to_sft": mean_or_none(r["kl"] for r in rows), "mean_length": mean_or_none(r["length"] for r in rows),
-            "gold_components": {k: mean_or_none(r["components"][k] for r in rows) for k in components},
-            "checkpoint": str(stage.folder), "headline": headline}
+        return evaluate(model, tokenizer, records, config, name=stage.name, fewshot=examples)
+    return evaluate(model, tokenizer, records, config, name=stage.name, reference=reference,
+                    is_reference=stage.name == "sft")
 
 
 def prompt_text(record: dict) -> str:
@@ -184,30 +152,80 @@ def prompt_text(record: dict) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
 
 
-def collect(run_dir: Path, seed: int, n_prompts: int) -> dict:
-    """The report: every stage's answers to the same prompts, scored, and its averages."""
+def collect(run_dir: Path, config: EvalConfig) -> dict:
+    """The report: every stage through the shared evaluation, the pairs, best-of-n, calibration."""
     stages = find_stages(run_dir)
-    records = load_prompts(run_dir / "data", "eval")[:n_prompts]
+    records = eval_records(run_dir / "data", config)
     examples = pick_fewshot_examples(load_dialogues(run_dir / "data", "train"), FEWSHOT_EXAMPLES)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reference = None
     if is_finished(run_dir / "sft"):
         reference = load_causal_lm(run_dir / "sft").eval().requires_grad_(False).to(device)
-    reward = load_reward_scorer(run_dir, device)
-    report = {"run": run_dir.name, "seed": seed, "prompts": len(records), "stages": {},
-              "responses": [{"id": r.get("id", str(i)), "prompt": prompt_text(r)} for i, r in enumerate(records)],
-              "report_card": report_card(run_dir)}
+    reward = load_reward_scorer(run_dir / "reward", device)
+    if reward is None:
+        log.info("compare: no finished reward model in %s; reward-model scores are left null", run_dir / "reward")
+    evaluations = {}
     for stage in tqdm(stages, desc="compare", unit="stage"):
-        rows = answer_and_score(stage, records, examples, seed, reference, reward, device)
-        report["stages"][stage.name] = summarise(stage, rows, read_headline(stage.folder, stage.kind))
-        for entry, row in zip(report["responses"], rows):
-            entry[stage.name] = {k: row[k] for k in ("text", "gold", "rm", "kl", "length", "finished")}
-        log.info("%s: gold %s, RM %s, KL %s, %s tokens", stage.name,
-                 *(fmt(report["stages"][stage.name][key]) for key, _ in AVERAGES))
-    return report
+        evaluation = stage_evaluation(stage, run_dir, records, config, examples, reference, device)
+        if reward is not None:
+            add_reward_scores(evaluation, records, reward)
+        evaluations[stage.name] = evaluation
+    report = {"run": run_dir.name, "prompts": len(records), "eval_config": dataclasses.asdict(config),
+              "stages": {}, "pairs": {}, "best_of_n": {}, "calibration": {}, "report_card": report_card(run_dir)}
+    for stage in stages:
+        summary = summarise(evaluations[stage.name])
+        report["stages"][stage.name] = {**summary, "checkpoint": str(stage.folder), "parent": stage.parent,
+                                        "headline": read_headline(stage.folder, stage.kind)}
+        log.info("%s: %s", stage.name, headline(summary))
+    comparisons = [(s.name, s.parent) for s in stages if s.parent]
+    comparisons += [(s.name, other) for s in stages for other in ("sft", "ppo")
+                    if s.name in ("dpo", "grpo") or s.name.startswith("round") and other == "sft"]
+    for after, before in dict.fromkeys(c for c in comparisons if c[0] != c[1] and c[1] in evaluations):
+        report["pairs"][f"{after}_vs_{before}"] = pair(evaluations[before], evaluations[after], before, after)
+        log.info("%s", report["pairs"][f"{after}_vs_{before}"]["summary"])
+    if reward is not None and reference is not None:
+        report["best_of_n"] = saved_or_new_best_of_n(run_dir, reference, records, reward, config)
+        report["calibration"] = calibration(evaluations)
+    report["responses"] = [{"id": r.get("id", str(i)), "kind": r.get("kind"), "prompt": prompt_text(r),
+                            **{name: answer_row(ev["prompts"][i]) for name, ev in evaluations.items()}}
+                           for i, r in enumerate(records)]
+    return json_safe(report)
+
+
+def saved_or_new_best_of_n(run_dir: Path, reference, records, reward, config: EvalConfig) -> dict:
+    path = run_dir / "reward" / "best_of_n.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("config") == dataclasses.asdict(config):
+            return {k: v for k, v in saved.items() if k.isdigit()}
+    tokenizer = Tokenizer.load(run_dir / "sft")
+    best = best_of_n(reference, tokenizer, records, reward, config)
+    return {k: v for k, v in best.items() if k.isdigit()}
+
+
+def answer_row(entry: dict) -> dict:
+    """What the report shows of one stage's answers to one prompt: the greedy answer, the sampled mean."""
+    greedy, sampled = entry["greedy"], entry["sampled"]
+    mean = lambda key: sum(a[key] for a in sampled) / len(sampled) if sampled and None not in  \
+        [a[key] for a in sampled] else None  # noqa: E731
+    return {"text": greedy["text"], "finished": greedy["finished"], "gold": greedy["gold"], "rm": greedy["rm"],
+            "length": greedy["length"], "gold_sampled": mean("gold"), "rm_sampled": mean("rm"), "kl": entry["kl"],
+            "sample": sampled[0]["text"] if sampled else None}
 
 
 # ---- render --------------------------------------------------------------------------------------
+
+HOW_TO_READ = (
+    "Every figure is a mean over the same held-out prompts with its 95% bootstrap interval over prompts. "
+    "*sampled*: each prompt answered several times at the evaluation temperature (what a chat user sees); "
+    "*greedy*: the single most likely answer (which model answers better). A gain counts only when its paired "
+    "interval excludes zero; a gain that shows sampled but not greedy is lower entropy, not better answers. "
+    "Win rate: the share of prompts where a stage's expected gold beats the other's (ties count half). "
+    "Best-of-n: n SFT samples, the reward model keeps one — if that does not beat a single sample, PPO against "
+    "the same reward model cannot either; the oracle (the judge picks) is the ceiling of reranking. "
+    "Calibration: Spearman between reward-model score and gold over all answers. RM: reward-model score "
+    "(normalised); KL: nats per answer to the SFT model, measured on the policy's own samples.")
+
 
 def shown(text: str) -> str:
     """Model text made safe to show: control characters (a tiny model emits some) as U+FFFD."""
@@ -222,43 +240,89 @@ def fmt(x, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def averages_rows(report: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-stage averages table (shared by every rendering)."""
-    components = sorted({k for s in report["stages"].values() for k in s["gold_components"]})
-    header = ["stage", *(title for _, title in AVERAGES), *components]
-    rows = [[name, *(fmt(s[key], 1 if key == "mean_length" else 3) for key, _ in AVERAGES),
-             *(fmt(s["gold_components"].get(k)) for k in components)] for name, s in report["stages"].items()]
-    return header, rows
+def with_ci(value, ci, digits: int = 3, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
+    return f.format(value) + (f" [{f.format(ci[0])}, {f.format(ci[1])}]" if ci else "")
+
+
+def pct_ci(value, ci) -> str:
+    return "—" if value is None else f"{100 * value:.0f}% [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}%]"
+
+
+def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) of every table, shared by the terminal, Markdown and HTML renderings."""
+    stages = report["stages"]
+    out = [("Stages", ["stage", "gold sampled [95% CI]", "gold greedy [95% CI]", "RM", "KL to SFT", "tokens",
+                       "correct", "complete", "concise", "clean"],
+            [[name, with_ci(s["gold_sampled"], s["gold_sampled_ci"]), with_ci(s["gold_greedy"], s["gold_greedy_ci"]),
+              fmt(s["rm_sampled"], 2), fmt(s["kl"], 2), fmt(s["length"], 1),
+              *(fmt(s["components"].get(k), 2) for k in ("correct", "complete", "concise", "clean"))]
+             for name, s in stages.items()])]
+    kinds = sorted({k for s in stages.values() for k in s["by_kind"]})
+    if kinds:
+        out.append(("Gold (sampled) by prompt kind", ["stage", *(f"{k} (n={next(iter(stages.values()))['by_kind'].get(k, {}).get('prompts', '?')})" for k in kinds)],
+                    [[name, *(with_ci(s["by_kind"][k]["gold_sampled"], s["by_kind"][k]["gold_sampled_ci"], 2)
+                              if k in s["by_kind"] else "—" for k in kinds)] for name, s in stages.items()]))
+    if report["pairs"]:
+        out.append(("Each stage against another (paired, same prompts)",
+                    ["pair", "gain sampled [95% CI]", "gain greedy [95% CI]", "win rate [95% CI]", "in words"],
+                    [[key, with_ci(p["gain_sampled"], p["gain_sampled_ci"], signed=True),
+                      with_ci(p["gain_greedy"], p["gain_greedy_ci"], signed=True), pct_ci(p["win_rate"], p["win_rate_ci"]),
+                      p["summary"].split(": ", 1)[-1]] for key, p in report["pairs"].items()]))
+    if report["best_of_n"]:
+        out.append(("Best-of-n from SFT (temperature 1)",
+                    ["n", "one sample", "reward-model pick [95% CI]", "gain [95% CI]", "oracle pick [95% CI]",
+                     "KL (log n − (n−1)/n)"],
+                    [[n, fmt(b["mean"]), with_ci(b["reward_model"], b["reward_model_ci"]),
+                      with_ci(b["gain"], b["gain_ci"], signed=True), with_ci(b["oracle"], b["oracle_ci"]), fmt(b["kl"], 2)]
+                     for n, b in report["best_of_n"].items()]))
+    if report["calibration"]:
+        out.append(("Reward-model calibration (Spearman with gold)", ["answers of", "Spearman"],
+                    [[name, fmt(rho, 2)] for name, rho in report["calibration"].items()]))
+    return out
 
 
 def render_table(report: dict) -> str:
-    header, rows = averages_rows(report)
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    line = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
+    """The tables as plain text for the terminal."""
+    blocks = []
+    for title, header, rows in tables(report):
+        if title.startswith("Each stage"):  # the words column is too wide for a terminal table
+            header, rows = header[:-1], [r[:-1] for r in rows]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        line = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+        blocks.append("\n".join([title, line(header), "  ".join("-" * w for w in widths), *map(line, rows)]))
+    return "\n\n".join(blocks)
 
 
 def card_lines(headline: dict) -> tuple[list[str], list[str]]:
     """(`key value` strings of a headline's figures, its PPO verdict lines)."""
-    figures = [f"{k} {fmt(v)}" for k, v in headline.items() if k != "verdict"]
+    figures = [f"{k} {fmt(v) if not isinstance(v, list) else v}" for k, v in headline.items() if k != "verdict"]
     return figures, headline.get("verdict", [])
 
 
+RESPONSE_FIELDS = (("gold", "gold (greedy)"), ("gold_sampled", "gold (sampled mean)"), ("rm", "RM"), ("kl", "KL"),
+                   ("length", "tokens"))
+
+
 def render_markdown(report: dict) -> str:
-    md_cell = lambda text: shown(text).replace("|", "\\|").replace("\n", " ")
-    header, rows = averages_rows(report)
-    out = [f"# minigpt run `{report['run']}`: every stage on {report['prompts']} held-out prompts "
-           f"(seed {report['seed']})", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-           *("| " + " | ".join(r) + " |" for r in rows),
-           "", "## Report card", ""]
-    for label, headline in report["report_card"].items():
-        figures, verdict = card_lines(headline)
+    md_cell = lambda text: shown(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    out = [f"# minigpt run `{report['run']}`: every stage on {report['prompts']} held-out prompts", "", HOW_TO_READ, ""]
+    for title, header, rows in tables(report):
+        out += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                *("| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows), ""]
+    out += ["## Report card", ""]
+    for label, headline_ in report["report_card"].items():
+        figures, verdict = card_lines(headline_)
         out.append(f"- **{label}**: " + ", ".join(figures))
         out += [f"  - `{line}`" for line in verdict]
-    out += ["", "## Answers", ""]
+    out += ["", "## Answers (greedy)", ""]
     for entry in report["responses"]:
-        out += [f"### {entry['id']}", "", *("> " + line for line in shown(entry["prompt"]).splitlines()), "",
-                "| stage | " + " | ".join(t for _, t in RESPONSE_FIELDS) + " | answer |", "|---|---|---|---|---|---|"]
+        out += [f"### {entry['id']} ({entry.get('kind') or '?'})", "",
+                *("> " + line for line in shown(entry["prompt"]).splitlines()), "",
+                "| stage | " + " | ".join(t for _, t in RESPONSE_FIELDS) + " | answer |",
+                "|" + "---|" * (len(RESPONSE_FIELDS) + 2)]
         for name in report["stages"]:
             r = entry[name]
             out.append(f"| {name} | " + " | ".join(fmt(r[k], 0 if k == "length" else 3) for k, _ in RESPONSE_FIELDS)
@@ -277,28 +341,29 @@ blockquote{white-space:pre-wrap;background:#f8f8f8;border-left:4px solid #bbb;ma
 def render_html(report: dict, images: list[tuple[str, bytes]]) -> str:
     """A self-contained page: inline CSS, PNG curves as data URIs, every model text escaped."""
     e = html.escape
-    cells = lambda row, tag="td": "".join(f"<{tag}{'' if i == 0 or tag == 'th' else ' class=n'}>{e(c)}</{tag}>"
+    cells = lambda row, tag="td": "".join(f"<{tag}{'' if i == 0 or tag == 'th' else ' class=n'}>{e(c)}</{tag}>"  # noqa: E731
                                           for i, c in enumerate(row))
-    header, rows = averages_rows(report)
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
            f"<title>minigpt compare: {e(report['run'])}</title><style>{CSS}</style></head><body>",
            f"<h1>Run {e(report['run'])}: every stage on {report['prompts']} held-out prompts</h1>",
-           f"<p>Same prompts, decoding and seed ({report['seed']}) for every stage. RM: reward-model score "
-           "(normalised); KL: nats per answer to the SFT model; tokens: answer length.</p>",
-           "<h2>Averages</h2><table><tr>" + cells(header, "th") + "</tr>",
-           *("<tr>" + cells(r) + "</tr>" for r in rows), "</table><h2>Report card</h2><ul>"]
-    for label, headline in report["report_card"].items():
-        figures, verdict = card_lines(headline)
-        warn = lambda line: "warn" if line.startswith(("WARN", "VERDICT: needs")) else "ok"
+           f"<p>{e(HOW_TO_READ)}</p>"]
+    for title, header, rows in tables(report):
+        out += [f"<h2>{e(title)}</h2><table><tr>" + cells(header, "th") + "</tr>",
+                *("<tr>" + cells(r) + "</tr>" for r in rows), "</table>"]
+    out.append("<h2>Report card</h2><ul>")
+    for label, headline_ in report["report_card"].items():
+        figures, verdict = card_lines(headline_)
+        warn = lambda line: "warn" if line.startswith(("WARN", "VERDICT: needs")) else "ok"  # noqa: E731
         lines = "".join(f"<li class={warn(line)}><code>{e(line)}</code></li>" for line in verdict)
         out.append(f"<li><b>{e(label)}</b>: {e(', '.join(figures))}" + (f"<ul>{lines}</ul>" if lines else "") + "</li>")
     out.append("</ul><h2>Curves</h2>")
     for name, png in images:
         out.append(f"<h3>{e(name)}</h3><img alt='{e(name)}' src=\"data:image/png;base64,"
                    f"{base64.b64encode(png).decode('ascii')}\">")
-    out.append("<h2>Answers</h2>")
+    out.append("<h2>Answers (greedy)</h2>")
     for entry in report["responses"]:
-        out += [f"<h3>{e(str(entry['id']))}</h3><blockquote>{e(shown(entry['prompt']))}</blockquote><table><tr>",
+        out += [f"<h3>{e(str(entry['id']))} ({e(str(entry.get('kind') or '?'))})</h3>"
+                f"<blockquote>{e(shown(entry['prompt']))}</blockquote><table><tr>",
                 cells(["stage", *(t for _, t in RESPONSE_FIELDS), "answer"], "th") + "</tr>"]
         for name in report["stages"]:
             r = entry[name]
@@ -310,39 +375,43 @@ def render_html(report: dict, images: list[tuple[str, bytes]]) -> str:
 
 
 def curve_images(run_dir: Path) -> list[tuple[str, bytes]]:
-    """(relative path, PNG bytes) of the curves every stage folder already drew."""
-    folders = [run_dir / s for s in ("pretrain", "sft", "reward", "ppo")]
+    """(relative path, PNG bytes) of the curves every stage folder already drew (over-optimisation first)."""
+    folders = [run_dir / s for s in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")]
     for _, path in round_folders(run_dir):
         folders += [path / "reward", path / "ppo"]
-    return [(str(png.relative_to(run_dir)), png.read_bytes()) for folder in folders if folder.is_dir()
-            for png in sorted(folder.glob("*.png"))]
+    pngs = [png for folder in folders if folder.is_dir() for png in sorted(folder.glob("*.png"))]
+    pngs.sort(key=lambda p: p.name != "overoptimisation.png")
+    return [(str(png.relative_to(run_dir)), png.read_bytes()) for png in pngs]
 
 
-def parse_overrides(items: list[str], n_prompts: int) -> int:
-    """`prompts=N` is the one key=value compare takes (so `make compare ARGS=prompts=20` works)."""
-    for item in items:
-        key, _, value = item.partition("=")
-        if key != "prompts" or not value.isdigit():
-            raise SystemExit(f"error: compare takes no override {item!r}; the only one is prompts=N "
-                             f"(or --prompts N)")
-        n_prompts = int(value)
-    return n_prompts
+def parse_overrides(items: list[str], config: EvalConfig) -> EvalConfig:
+    """`prompts=N` (and the other EvalConfig fields) as key=value, so `make compare ARGS=prompts=20` works.
+
+    A changed setting means a fresh evaluation of every stage (saved ones no longer match).
+    """
+    from minigpt.config import apply_overrides
+
+    try:
+        return apply_overrides(config, items)
+    except ValueError as error:
+        raise SystemExit(f"error: compare: {error}") from None
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default="default")
     parser.add_argument("--runs-root", default="runs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help="first N held-out prompts")
-    parser.add_argument("--preset", default=None, help="accepted for the Makefile; compare has no settings")
-    parser.add_argument("overrides", nargs="*", help="prompts=N")
+    parser.add_argument("--seed", type=int, default=0, help="accepted for the Makefile (the evaluation's seeds are fixed)")
+    parser.add_argument("--prompts", type=int, default=None, help="first N held-out prompts (default: the preset's)")
+    parser.add_argument("--preset", default=None, help="the run's preset: the evaluation's size (default cpu/gpu)")
+    parser.add_argument("overrides", nargs="*", help="EvalConfig fields as key=value, e.g. prompts=50")
     args = parser.parse_args(argv)
-    n_prompts = parse_overrides(args.overrides, args.prompts)
+    config = load_config(EvalConfig, args.preset or default_preset())
+    config = parse_overrides(args.overrides + ([f"prompts={args.prompts}"] if args.prompts else []), config)
     run_dir = Path(args.runs_root) / args.run
     out_dir = run_dir / "compare"
     setup_logging(out_dir)
-    report = collect(run_dir, args.seed, n_prompts)
+    report = collect(run_dir, config)
     write_text_atomic(out_dir / "report.md", render_markdown(report))
     write_text_atomic(out_dir / "report.html", render_html(report, curve_images(run_dir)))
     write_json_atomic(out_dir / "report.json", report)  # last: Make's target

@@ -111,16 +111,13 @@ class SFTConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: str = "qkv,proj,fc"  # comma-separated module names
-    # evaluation with the gold judge
-    eval_prompts: int = 200
-    fewshot: int = 3  # examples in the base model's few-shot prompt
-    max_new_tokens: int = 48
+    fewshot: int = 3  # examples in the base model's few-shot prompt (the shared evaluation: EvalConfig)
 
     PRESETS: typing.ClassVar[dict] = {
         "tiny": dict(epochs=1.0, max_steps=30, batch_size=8, eval_steps=15, save_steps=15,
-                     eval_prompts=8, max_new_tokens=24, max_length=128),
+                     max_length=128),
         "gpu": dict(epochs=3.0, batch_size=64, lr=2e-4, max_length=512, eval_steps=200,
-                    save_steps=200, eval_prompts=400, max_new_tokens=96),
+                    save_steps=200),
     }
 
 
@@ -185,13 +182,12 @@ class PPOConfig:
     kl_estimator: str = "k1"  # k1 | k3
     adaptive_kl: bool = True
     kl_target: float = 2.0  # nats per response: the KL the adaptive β steers to (budget: 1.5x this)
-    kl_horizon: int = 20
+    kl_horizon: int = 10000  # samples (Ziegler et al.): beta moves by at most 20% per this many rollouts
     reward_clip: float = 5.0  # normalised reward-model score is clipped to ±this
     no_end_penalty: float = -1.0  # added to the score of a response that never ends
     target_approx_kl: float = 0.05  # stop this update's epochs early past this
     ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed in
-    eval_every: int = 10
-    eval_prompts: int = 100
+    eval_every: int = 8  # steps between held-out evaluations (the over-optimisation curve's points)
     save_every: int = 10
     max_time: float = 0.0
     lora: bool = False
@@ -200,10 +196,39 @@ class PPOConfig:
 
     PRESETS: typing.ClassVar[dict] = {
         "tiny": dict(steps=4, prompts_per_step=16, minibatch_size=8, max_new_tokens=16,
-                     eval_every=2, eval_prompts=8, save_every=2),
+                     eval_every=2, save_every=2),
         "gpu": dict(steps=200, prompts_per_step=256, minibatch_size=64, max_new_tokens=96,
-                    eval_every=20, eval_prompts=400, save_every=20),
+                    eval_every=20, save_every=20),
     }
+
+
+@dataclass
+class EvalConfig:
+    """The one held-out evaluation every stage, round and `make compare` runs (same prompts, same seeds).
+
+    Fixed per preset rather than per stage, so a stage's "before" and "after" are always comparable.
+    """
+
+    prompts: int = 200  # the first N held-out eval prompts
+    samples: int = 4  # sampled answers per prompt at `temperature` (a prompt's score is their mean)
+    temperature: float = 0.7  # what a user of the chat sees
+    max_new_tokens: int = 48
+    seed: int = 0
+    kl_samples: int = 1  # answers per prompt sampled from the policy itself (temperature 1) for KL and the curve
+    best_of_n: str = "4,16"  # n values of the best-of-n baseline (samples from SFT at temperature 1)
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(prompts=16, samples=2, max_new_tokens=24, best_of_n="2,4"),
+        "gpu": dict(prompts=400, max_new_tokens=96),
+    }
+
+    @property
+    def best_of_n_values(self) -> list[int]:
+        try:
+            values = sorted({int(v) for v in self.best_of_n.split(",") if v.strip()})
+        except ValueError:
+            raise ValueError(f"best_of_n={self.best_of_n!r}: expected comma-separated integers, e.g. 4,16") from None
+        return values
 
 
 def load_config(cls, preset: str = "cpu", overrides: typing.Iterable[str] = ()):
@@ -269,6 +294,6 @@ def to_dict(config) -> dict:
 
 __all__ = [
     "DataConfig", "TokenizerConfig", "PretrainConfig", "SFTConfig", "SamplesConfig",
-    "RewardConfig", "PPOConfig", "load_config", "apply_overrides", "split_overrides",
+    "RewardConfig", "PPOConfig", "EvalConfig", "load_config", "apply_overrides", "split_overrides",
     "default_preset", "to_dict", "PRESET_NAMES", "field",
 ]

@@ -97,15 +97,21 @@ def clipped_value_loss(values, old_values, returns, mask, clip_range: float):
 
 
 class AdaptiveKLController:
-    """β follows the measured KL toward a target (Ziegler et al. 2019): proportional, clipped ±20%."""
+    """β follows the measured KL toward a target (Ziegler et al. 2019): proportional, clipped ±20%.
+
+    β ← β·(1 + clip(KL/target − 1, ±0.2) · n / horizon), with n the samples this update saw and the
+    horizon counted in samples too (10,000 in the paper): with 64 rollouts a step β moves by at most
+    0.13% per step, i.e. slowly and smoothly. (Passing n = 64 against a horizon counted in *steps*
+    turned the controller into ×0.36 / ×1.64 per step and drove β to zero within ten steps.)
+    """
 
     def __init__(self, beta: float, target: float, horizon: int, adaptive: bool = True):
         self.beta, self.target, self.horizon, self.adaptive = beta, target, horizon, adaptive
 
-    def update(self, kl: float, n_steps: int = 1) -> None:
+    def update(self, kl: float, n_samples: int) -> None:
         if self.adaptive and self.target > 0:
             error = max(-0.2, min(0.2, kl / self.target - 1))
-            self.beta *= 1 + error * n_steps / self.horizon
+            self.beta *= 1 + error * n_samples / self.horizon
 
     def state_dict(self):
         return {"beta": self.beta}
@@ -135,16 +141,22 @@ def response_logprobs(model, ids, attention_mask, prompt_width: int, with_entrop
 class TokenValueModel(torch.nn.Module):
     """The value model: the reward model's backbone and score head, read at every position.
 
+    It starts on the scale of the rewards it must predict: PPO normalises reward-model scores as
+    (raw − mean)/std, so the head's output is mapped the same way (a fixed affine map; the head and
+    backbone train as usual). Raw reward-model units would leave the critic off by the mean for many
+    steps under the value clip, biasing the advantages most at the end token — a push on length.
     A module of its own (not a call into the backbone) so DDP sees its forward and syncs gradients.
     """
 
-    def __init__(self, scorer):
+    def __init__(self, scorer, reward_mean: float = 0.0, reward_std: float = 1.0):
         super().__init__()
         self.scorer = scorer  # a MiniGPTForSequenceClassification, initialised from the reward model
+        self.reward_mean, self.reward_std = float(reward_mean), float(reward_std or 1.0)
 
     def forward(self, input_ids, attention_mask):
         hidden = self.scorer.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.scorer.score(hidden).squeeze(-1).float()  # (B, T)
+        raw = self.scorer.score(hidden).squeeze(-1).float()  # (B, T)
+        return (raw - self.reward_mean) / self.reward_std
 
 
 def token_values(value_model, ids, attention_mask, prompt_width: int):
@@ -306,11 +318,14 @@ def rollout_stats(rollout: Rollout, accelerator=None) -> dict:
 
 # ---- the verdict -------------------------------------------------------------------------------------
 
-def health_verdict(before: dict, after: dict, kl_budget: float, history: list[dict]) -> tuple[bool, list[str]]:
-    """Plain-words health of a PPO run, from held-out evaluations of the SFT and PPO policies.
+def health_verdict(before: dict, after: dict, gains: dict, kl_budget: float, history: list[dict]) -> tuple[bool, list[str]]:
+    """Plain-words health of a PPO run, from the shared evaluation of the starting and the PPO policy.
 
-    `before`/`after`: {rm_score, gold_score, length, repetition, distinct, end_rate, kl}.
+    `before`/`after`: `evaluation.summarise` of each; `gains`: `evaluation.pair(before, after)`, whose
+    paired 95% intervals decide whether the gold judge saw a change at all.
     """
+    from minigpt.stats import significance
+
     lines, healthy = [], True
 
     def check(ok: bool, good: str, bad: str):
@@ -318,9 +333,9 @@ def health_verdict(before: dict, after: dict, kl_budget: float, history: list[di
         healthy &= ok
         lines.append(("ok    " if ok else "WARN  ") + (good if ok else bad))
 
-    rise = after["rm_score"] - before["rm_score"]
-    check(rise > 0, f"reward rose: reward-model score {before['rm_score']:+.3f} -> {after['rm_score']:+.3f}",
-          f"reward did not rise: reward-model score {before['rm_score']:+.3f} -> {after['rm_score']:+.3f}")
+    rise = after["rm_sampled"] - before["rm_sampled"]
+    check(rise > 0, f"reward rose: reward-model score {before['rm_sampled']:+.3f} -> {after['rm_sampled']:+.3f}",
+          f"reward did not rise: reward-model score {before['rm_sampled']:+.3f} -> {after['rm_sampled']:+.3f}")
     check(after["kl"] <= kl_budget, f"KL to the SFT model {after['kl']:.2f} nats/response, within the budget of {kl_budget:.1f}",
           f"KL to the SFT model {after['kl']:.2f} nats/response is over the budget of {kl_budget:.1f}")
     check(after["length"] <= 1.5 * before["length"] + 2 and after["end_rate"] >= min(0.9, before["end_rate"] - 0.1),
@@ -333,46 +348,51 @@ def health_verdict(before: dict, after: dict, kl_budget: float, history: list[di
           f"repetition grew ({before['repetition']:.2f} -> {after['repetition']:.2f} repeated 3-grams)")
     check(after["distinct"] >= 0.5 * before["distinct"],
           f"no collapse: {after['distinct']:.0%} of answers to different prompts are distinct "
-          f"(SFT {before['distinct']:.0%})",
-          f"the policy collapsed: only {after['distinct']:.0%} of answers are distinct (SFT {before['distinct']:.0%})")
-    gold_change = after["gold_score"] - before["gold_score"]
-    if rise > 0 and gold_change < -0.02:
-        check(False, "", f"REWARD HACKING: the reward model's score rose ({rise:+.3f}) while the gold judge's "
-                         f"fell ({gold_change:+.3f}); the policy found what the reward model wrongly likes")
+          f"(before {before['distinct']:.0%})",
+          f"the policy collapsed: only {after['distinct']:.0%} of answers are distinct (before {before['distinct']:.0%})")
+    sampled = significance(gains["gain_sampled"], gains["gain_sampled_ci"])
+    greedy = significance(gains["gain_greedy"], gains["gain_greedy_ci"])
+    ci = lambda key: f"95% CI {gains[key][0]:+.3f} to {gains[key][1]:+.3f}"  # noqa: E731
+    gold_line = (f"gold {before['gold_sampled']:.3f} -> {after['gold_sampled']:.3f} sampled "
+                 f"({gains['gain_sampled']:+.3f}, {ci('gain_sampled_ci')}), greedy {before['gold_greedy']:.3f} -> "
+                 f"{after['gold_greedy']:.3f} ({gains['gain_greedy']:+.3f}, {ci('gain_greedy_ci')}); "
+                 f"wins on {gains['win_rate']:.0%} of prompts")
+    if rise > 0 and sampled == "worse":
+        check(False, "", f"REWARD HACKING: the reward model's score rose ({rise:+.3f}) while the gold judge's fell "
+                         f"beyond its interval: {gold_line}")
+    elif sampled == "worse":
+        check(False, "", f"gold fell: {gold_line}")
+    elif sampled == "better":
+        lines.append(f"ok    the gold judge agrees: {gold_line}")
     else:
-        check(gold_change >= -0.02, f"the gold judge agrees: gold score {before['gold_score']:.3f} -> "
-                                    f"{after['gold_score']:.3f} ({gold_change:+.3f})",
-              f"gold score fell: {before['gold_score']:.3f} -> {after['gold_score']:.3f}")
-    if history:
-        golds = [h["gold_score"] for h in history if "gold_score" in h]
-        if len(golds) >= 3 and max(golds) - golds[-1] > 0.05:
-            lines.append(f"note  gold score peaked at {max(golds):.3f} before the end ({golds[-1]:.3f}): "
-                         f"fewer steps or a smaller KL target may do better")
-    lines.insert(0, "VERDICT: healthy — PPO improved the policy without signs of trouble" if healthy
+        lines.append(f"note  no measurable change in gold: {gold_line}")
+    if sampled == "better" and greedy != "better":
+        lines.append("note  the gold gain holds sampled but not greedy: lower entropy, not better answers")
+    golds = [h["gold_sampled"] for h in history if "gold_sampled" in h]
+    if len(golds) >= 3 and max(golds) - golds[-1] > 0.05:
+        lines.append(f"note  gold peaked at {max(golds):.3f} before the end ({golds[-1]:.3f}): "
+                     f"fewer steps or a smaller KL target may do better")
+    improved = healthy and sampled == "better"
+    lines.insert(0, "VERDICT: healthy — PPO improved the policy (gold gain above zero at 95%)" if improved
+                 else "VERDICT: healthy, but no measurable gold gain" if healthy
                  else "VERDICT: needs attention — see the warnings below")
     return healthy, lines
 
 
-def answer_profile(answers, tokenizer) -> dict:
-    """Length, repetition, distinctness and end rate of a set of answers (for the verdict)."""
-    tokens = [tokenizer.encode(a) for a in answers.responses]
-    n = max(1, len(tokens))
-    return {"length": sum(len(t) for t in tokens) / n,
-            "repetition": sum(repetition_rate(t) for t in tokens) / n,
-            "distinct": len(set(answers.responses)) / n,
-            "end_rate": sum(answers.finished) / n}
+def sequence_kl(policy, reference, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                batch_size: int = 64) -> list[float]:
+    """Per-response Σ_t log π(y_t) − log π_ref(y_t) on the given token ids (k1, nats).
 
-
-def kl_to_reference(policy, reference, tokenizer, prompts, answers, batch_size: int = 64) -> list[float]:
-    """Per-response KL (nats, k1 summed over tokens) of `answers` between policy and reference."""
+    On responses sampled from `policy` itself at temperature 1 (end token included when the answer
+    ended), the mean is an unbiased estimate of KL(policy‖reference) per response — the quantity the
+    PPO budget is defined on. Re-encoding decoded text, or sampling at another temperature, is not.
+    """
     device = next(policy.parameters()).device
     out = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            texts = answers[start:start + batch_size]
-            responses = [tokenizer.encode(t) + [tokenizer.end_id] for t in texts]
-            ids, attention, mask, P = prompt_and_response_batch(chunk, responses, tokenizer.pad_id, device)
+            ids, attention, mask, P = prompt_and_response_batch(prompts[start:start + batch_size],
+                                                                responses[start:start + batch_size], pad_id, device)
             kl = (response_logprobs(policy, ids, attention, P) - response_logprobs(reference, ids, attention, P)) * mask
             out.extend(kl.sum(1).tolist())
     return out

@@ -7,6 +7,7 @@ is scored once and all C(K,2) comparisons of the prompt share those scores.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 
@@ -20,10 +21,17 @@ def ranks_from_scores(scores: list[float], noise: float = 0.0, rng: random.Rando
     levels = sorted({round(s, 6) for s in scores}, reverse=True)
     ranks = [levels.index(round(s, 6)) for s in scores]
     if noise > 0:
+        # Each adjacent pair of levels is swapped with probability `noise`; a swapped pair is not
+        # swapped again with its neighbour, so no response moves more than one level.
         rng = rng or random.Random(0)
-        for level in range(len(levels) - 1):
+        new_level, level = list(range(len(levels))), 0
+        while level < len(levels) - 1:
             if rng.random() < noise:
-                ranks = [level + 1 if r == level else level if r == level + 1 else r for r in ranks]
+                new_level[level], new_level[level + 1] = level + 1, level
+                level += 2
+            else:
+                level += 1
+        ranks = [new_level[r] for r in ranks]
     return ranks
 
 
@@ -62,3 +70,19 @@ def ranking_metrics(groups: list[tuple[list[float], list[int]]]) -> RankingMetri
         top1 += ranks[max(range(len(rewards)), key=lambda k: rewards[k])] == min(ranks)
     n = len(taus)
     return RankingMetrics(correct / max(1, pairs), top1 / max(1, n), sum(taus) / max(1, n), n, pairs)
+
+
+def split_by_prompt(rankings: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held out) with every record of one prompt on the same side.
+
+    RLHF rounds rank fresh answers to the *same* ranking prompts, so a split by record would hold
+    out answers to prompts the reward model trained on, and overstate its held-out accuracy.
+    """
+    from minigpt.data import split_off
+
+    keys = list(dict.fromkeys(json.dumps(r["prompt"], sort_keys=True) for r in rankings))
+    _, held_out = split_off(keys, fraction, seed=seed)
+    held_out = set(held_out)
+    train = [r for r in rankings if json.dumps(r["prompt"], sort_keys=True) not in held_out]
+    val = [r for r in rankings if json.dumps(r["prompt"], sort_keys=True) in held_out]
+    return train, val

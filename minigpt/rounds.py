@@ -54,9 +54,16 @@ def summarise(run_dir: Path, rounds: int) -> list[dict]:
         folders = stage_folders(run_dir, n)
         reward = json.loads((folders["reward"] / "metrics.json").read_text())
         ppo = json.loads((folders["ppo"] / "metrics.json").read_text())
+        # "before" is the round's own starting policy (the previous round's PPO), so each row shows what
+        # that round did; gains are paired on the shared evaluation's prompts.
         rows.append({"round": n, "pairwise_accuracy": reward["pairwise_accuracy"],
-                     "kendall_tau": reward["kendall_tau"], "gold_before": ppo["gold_before"],
-                     "gold_after": ppo["gold_after"], "reward_after": ppo["reward_after"], "kl": ppo["kl"],
+                     "kendall_tau": reward["kendall_tau"], "best_of_4_gain": reward.get("best_of_4_gain"),
+                     "labelled_prompts": reward.get("labelled_prompts"),
+                     "labelled_comparisons": reward.get("labelled_comparisons"),
+                     "gold_before": ppo["gold_before"], "gold_after": ppo["gold_after"],
+                     "gold_greedy_before": ppo.get("gold_greedy_before"), "gold_greedy_after": ppo.get("gold_greedy_after"),
+                     "gain_sampled": ppo.get("gain_sampled"), "gain_sampled_ci": ppo.get("gain_sampled_ci"),
+                     "win_rate": ppo.get("win_rate"), "reward_after": ppo["reward_after"], "kl": ppo["kl"],
                      "healthy": ppo.get("healthy")})
     return rows
 
@@ -81,10 +88,13 @@ def main(argv=None):
         run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable])
     rows = summarise(run_dir, args.rounds)
     write_json_atomic(run_dir / "rounds" / "summary.json", rows)
-    print(f"\n{'round':>5}  {'RM pair acc':>11}  {'gold before':>11}  {'gold after':>10}  {'KL':>6}  healthy")
+    print(f"\n{'round':>5}  {'RM pair acc':>11}  {'gold before':>11}  {'gold after':>10}  {'gain [95% CI]':>24}"
+          f"  {'KL':>6}  healthy")
     for r in rows:
+        ci = r["gain_sampled_ci"] or [float("nan")] * 2
+        gain = f"{r['gain_sampled']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if r["gain_sampled"] is not None else "—"
         print(f"{r['round']:>5}  {r['pairwise_accuracy']:>11.3f}  {r['gold_before']:>11.3f}  {r['gold_after']:>10.3f}"
-              f"  {r['kl']:>6.2f}  {r['healthy']}")
+              f"  {gain:>24}  {r['kl']:>6.2f}  {r['healthy']}")
     print(f"\nsummary: {run_dir / 'rounds' / 'summary.json'}")
 
 

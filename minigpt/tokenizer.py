@@ -126,6 +126,10 @@ class Tokenizer:
     def decode_without_specials(self, ids) -> str:
         return self.decode([i for i in ids if int(i) < len(self.ranks)])
 
+    def response_text(self, ids) -> str:
+        """A generated answer as every reader sees it (judge, reward model, report): specials dropped, stripped."""
+        return self.decode_without_specials(ids).strip()
+
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False):
         """Chat messages to (ids, assistant_mask): the mask is 1 on tokens the assistant wrote."""
         ids, mask = [self.bos_id], [0]

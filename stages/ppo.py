@@ -9,8 +9,8 @@ reward model and the gold judge; the stage ends with a plain-words health verdic
 Writes runs/<RUN>/ppo/ (or --out for an RLHF round).
 """
 
+import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 from minigpt.checkpoint import (clear_resume_state, load_causal_lm, load_resume_state, load_sequence_classifier,
                                 make_manifest, read_manifest, save_model, save_resume_state)
-from minigpt.config import PPOConfig, load_config, to_dict
+from minigpt.config import EvalConfig, PPOConfig, load_config, to_dict
 from minigpt.data import load_prompts
-from minigpt.evaluation import answer_chat, judge_answers, log_examples
-from minigpt.ppo import (AdaptiveKLController, TokenValueModel, answer_profile, assign_rewards, health_verdict,
-                         kl_to_reference, make_rollout, ppo_update, rollout_stats)
-from minigpt.reward_model import score_conversations
+from minigpt.evaluation import (RewardScorer, add_reward_scores, eval_records, evaluate, headline, load_evaluation,
+                                log_examples, pair, plot_overoptimisation, summarise)
+from minigpt.ppo import (AdaptiveKLController, TokenValueModel, assign_rewards, health_verdict, make_rollout,
+                         ppo_update, rollout_stats)
 from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves,
                          require_stage, setup_logging, write_json_atomic, write_text_atomic)
 from minigpt.tokenizer import Tokenizer
@@ -39,9 +39,21 @@ def extra_arguments(parser):
     parser.add_argument("--reward", default="", help="reward model (default runs/<RUN>/reward)")
 
 
+def read_best_of_n(reward_dir: Path, eval_config) -> dict | None:
+    """The reward stage's best-of-n baseline (same prompts and config), for the curve; None if absent."""
+    path = reward_dir / "best_of_n.json"
+    if not path.exists():
+        return None
+    best = json.loads(path.read_text())
+    return best if best.get("config") == to_dict(eval_config) else None
+
+
 def main():
     args = parse_stage_args("ppo", extra=extra_arguments)
     config = load_config(PPOConfig, args.preset, args.overrides)
+    if config.ptx_coef > 0:
+        raise SystemExit("error: ptx_coef > 0 (PPO-ptx) is not supported: this stage has no pretraining batches to "
+                         "mix in; leave ptx_coef=0")
     accelerator = make_accelerator()
     require_data_parallel(accelerator)
     out = args.out_dir
@@ -58,14 +70,14 @@ def main():
     policy = load_causal_lm(policy_dir)
     reference = load_causal_lm(sft_dir).eval().requires_grad_(False)  # the KL anchor is always the SFT model
     reward_model = load_sequence_classifier(reward_dir).eval().requires_grad_(False)
-    value_model = TokenValueModel(load_sequence_classifier(reward_dir))
+    reward_stats = read_manifest(reward_dir).get("metrics", {})
+    reward_mean, reward_std = reward_stats.get("reward_mean", 0.0), reward_stats.get("reward_std", 1.0) or 1.0
+    value_model = TokenValueModel(load_sequence_classifier(reward_dir), reward_mean, reward_std)
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
         policy = get_peft_model(policy, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                    target_modules=["qkv", "proj", "fc"], task_type="CAUSAL_LM"))
-    reward_stats = read_manifest(reward_dir).get("metrics", {})
-    reward_mean, reward_std = reward_stats.get("reward_mean", 0.0), reward_stats.get("reward_std", 1.0) or 1.0
     policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=config.value_lr)
     kl_control = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon, config.adaptive_kl)
@@ -88,41 +100,46 @@ def main():
     # --- prompts: each process takes its share of every step's global batch ------------------------------
     data = args.data or args.run_dir / "data"
     prompts = load_prompts(data, "ppo")
-    eval_prompts = load_prompts(args.run_dir / "data", "eval")[:config.eval_prompts]
+    eval_config = load_config(EvalConfig, args.preset)
+    eval_prompts = eval_records(args.run_dir / "data", eval_config)
     if config.prompts_per_step % world or config.minibatch_size % world:
         raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} and minibatch_size={config.minibatch_size} "
                          f"count rollouts over all processes and must both be divisible by {world} processes")
     per_process = config.prompts_per_step // world
 
+    scorer = RewardScorer(reward_model, tokenizer, reward_mean, reward_std)
+
     def reward_fn_for(records):
         def reward_fn(response_tokens, finished):
-            texts = [tokenizer.decode(t) for t in response_tokens]
-            raw = score_conversations(reward_model, tokenizer, [r["messages"] for r in records], texts)
-            return (raw - reward_mean) / reward_std
+            # the same text the ranked samples and the evaluation show the reward model and the judge
+            return torch.tensor(scorer(records, [tokenizer.response_text(t) for t in response_tokens]))
         return reward_fn
 
-    def evaluate(model, name):
-        """Held-out answers of `model`: gold judge, reward model, KL to SFT, and their profile."""
-        model.eval()
-        answers = answer_chat(model, tokenizer, eval_prompts, seed=args.seed)
-        gold = judge_answers(eval_prompts, answers)
-        rm = score_conversations(reward_model, tokenizer, [p["messages"] for p in eval_prompts], answers.responses)
-        kl = kl_to_reference(model, reference, tokenizer, [tokenizer.encode_prompt(p["messages"]) for p in eval_prompts],
-                             answers.responses)
-        profile = answer_profile(answers, tokenizer)
-        result = {**gold, "rm_score": ((rm - reward_mean) / reward_std).mean().item(), "kl": statistics.fmean(kl),
-                  **profile}
-        log.info("%s on %d held-out prompts: gold %.3f, reward %.3f, KL %.2f, length %.1f", name, len(eval_prompts),
-                 result["gold_score"], result["rm_score"], result["kl"], result["length"])
-        return result, answers
+    def evaluate_policy(model, name):
+        """The shared held-out evaluation: gold (sampled, greedy), reward model, KL to SFT on own samples."""
+        evaluation = evaluate(model, tokenizer, eval_prompts, eval_config, name=name, reference=reference,
+                              reward=scorer, is_reference=model is reference)
+        summary = summarise(evaluation)
+        log.info("%s: %s", name, headline(summary))
+        return evaluation, summary
+
+    def curve_point(summary):
+        return dict(gold_sampled=summary["gold_sampled"], gold_greedy=summary["gold_greedy"],
+                    eval_rm_score=summary["rm_sampled"], eval_kl=summary["kl"], gold_policy=summary["gold_policy"],
+                    rm_policy=summary["rm_policy"])
 
     is_main = accelerator.is_main_process
-    before = after = None
-    if is_main:
-        before, before_answers = evaluate(load_causal_lm(sft_dir).to(device), "SFT policy")
+    if is_main:  # the starting policy's own evaluation, when it saved one under this config (SFT does)
+        before_eval = load_evaluation(policy_dir / "evaluation.json", eval_config, eval_prompts)
+        if before_eval is not None:
+            add_reward_scores(before_eval, eval_prompts, scorer)
+            before = summarise(before_eval)
+            log.info("starting policy (saved evaluation): %s", headline(before))
+        else:
+            before_eval, before = evaluate_policy(load_causal_lm(policy_dir).to(device), "starting policy")
     metrics = MetricsLog(out / "metrics.jsonl", is_main, resume_step=start_step if state else None)
     if is_main and not state:
-        metrics.log(step=0, gold_score=before["gold_score"], eval_rm_score=before["rm_score"], eval_kl=0.0)
+        metrics.log(step=0, **curve_point(before))
 
     # --- the PPO loop -----------------------------------------------------------------------------------------
     started = time.time()
@@ -145,15 +162,14 @@ def main():
             update = ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout, config, accelerator,
                                 generator=torch.Generator().manual_seed(args.seed + step))
             stats = rollout_stats(rollout, accelerator)
-            kl_control.update(stats["kl"], config.prompts_per_step)
+            kl_control.update(stats["kl"], config.prompts_per_step)  # n = rollouts this step (horizon in rollouts)
             step += 1
             metrics.log(step=step, beta=kl_control.beta, **stats, **update)
             bar.set_postfix(rm=f"{stats['rm_score']:+.2f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
             bar.update(1)
             if step % config.eval_every == 0 and step < config.steps and is_main:
-                result, _ = evaluate(raw_policy, f"step {step}")
-                metrics.log(step=step, gold_score=result["gold_score"], eval_rm_score=result["rm_score"],
-                            eval_kl=result["kl"])
+                _, summary = evaluate_policy(raw_policy, f"step {step}")
+                metrics.log(step=step, **curve_point(summary))
                 raw_policy.train()
             interrupted = agree_max(interrupt.requested, device)
             if step % config.save_every == 0 or interrupted:
@@ -175,21 +191,32 @@ def main():
     accelerator.wait_for_everyone()
     if is_main:
         final_policy = raw_policy.merge_and_unload() if config.lora else raw_policy
-        after, after_answers = evaluate(final_policy, "PPO policy")
-        metrics.log(step=step, gold_score=after["gold_score"], eval_rm_score=after["rm_score"], eval_kl=after["kl"])
-        log_examples(eval_prompts, {"sft": before_answers, "ppo": after_answers})
+        after_eval, after = evaluate_policy(final_policy, "PPO policy")
+        metrics.log(step=step, **curve_point(after))
+        log_examples(eval_prompts, {"before": before_eval, "ppo": after_eval})
+        gains = pair(before_eval, after_eval, "start", "ppo")
+        log.info("%s", gains["summary"])
         kl_budget = 1.5 * config.kl_target
-        healthy, verdict = health_verdict(before, after, kl_budget, metrics.read())
-        final = {"reward_before": before["rm_score"], "reward_after": after["rm_score"], "kl": after["kl"],
-                 "kl_budget": kl_budget, "gold_before": before["gold_score"], "gold_after": after["gold_score"],
+        healthy, verdict = health_verdict(before, after, gains, kl_budget, metrics.read())
+        final = {"reward_before": before["rm_sampled"], "reward_after": after["rm_sampled"], "kl": after["kl"],
+                 "kl_ci": after["kl_ci"], "kl_budget": kl_budget,
+                 "gold_before": before["gold_sampled"], "gold_after": after["gold_sampled"],
+                 "gold_greedy_before": before["gold_greedy"], "gold_greedy_after": after["gold_greedy"],
+                 **{k: gains[k] for k in ("gain_sampled", "gain_sampled_ci", "gain_greedy", "gain_greedy_ci",
+                                          "win_rate", "win_rate_ci", "win_rate_greedy", "win_rate_greedy_ci")},
                  "length_before": before["length"], "length_after": after["length"],
                  "healthy": healthy, "verdict": verdict, "steps": step, "world_size": world,
-                 "train_time_sec": round(time.time() - started, 1),
-                 **{f"{k}_after": v for k, v in after.items() if k.startswith("gold_") and k != "gold_score"}}
+                 "eval_prompts": len(eval_prompts), "train_time_sec": round(time.time() - started, 1),
+                 **{f"gold_{k}_after": v for k, v in after["components"].items()}}
         manifest = make_manifest("ppo", config, args, parent=policy_dir, data_files=[data], metrics=final,
                                  reward_model=str(reward_dir))
         save_model(final_policy, out, policy_dir, manifest)
-        plot_curves(metrics.read(), ["rm_score", "kl", "gold_score", "response_length", "beta"], out / "ppo.png", "ppo")
+        write_json_atomic(out / "evaluation.json", after_eval)
+        curve = metrics.read()
+        plot_curves(curve, ["rm_score", "kl", "gold_sampled", "response_length", "beta"], out / "ppo.png", "ppo")
+        best = read_best_of_n(reward_dir, eval_config)
+        plot_overoptimisation([{"kl": r["eval_kl"], "gold": r["gold_policy"], "rm": r["rm_policy"]}
+                               for r in curve if "eval_kl" in r], best, out / "overoptimisation.png")
         write_text_atomic(out / "verdict.txt", "\n".join(verdict) + "\n")
         write_json_atomic(out / "metrics.json", final)
         clear_resume_state(out)

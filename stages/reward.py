@@ -15,10 +15,11 @@ import statistics
 from datasets import Dataset
 from trl import RewardConfig as TRLRewardConfig
 
-from minigpt.checkpoint import load_sequence_classifier, make_manifest, save_model
-from minigpt.config import RewardConfig
-from minigpt.data import DataError, load_rankings, split_off
-from minigpt.ranking import ranking_metrics
+from minigpt.checkpoint import load_causal_lm, load_sequence_classifier, make_manifest, save_model
+from minigpt.config import EvalConfig, RewardConfig, load_config
+from minigpt.data import DataError, load_rankings
+from minigpt.evaluation import RewardScorer, best_of_n, eval_records
+from minigpt.ranking import ranking_metrics, ranking_pairs, split_by_prompt
 from minigpt.reward_model import RankingCollator, RankingRewardTrainer, encode_rankings, score_conversations
 from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage,
                          write_json_atomic)
@@ -57,7 +58,7 @@ def main():
             rankings += load_rankings(source)
         except DataError as error:
             raise SystemExit(f"error: {error}") from None
-    train_rankings, val_rankings = split_off(rankings, config.val_fraction, seed=args.seed)
+    train_rankings, val_rankings = split_by_prompt(rankings, config.val_fraction, seed=args.seed)
     train_rows = encode_rankings(tokenizer, train_rankings, config.max_length)
     val_rows = encode_rankings(tokenizer, val_rankings, config.max_length)
     log.info("reward: %d prompts with rankings (%d train / %d held out)", len(rankings), len(train_rows), len(val_rows))
@@ -106,6 +107,27 @@ def main():
              "val_pairs": quality.n_pairs, "train_prompts": len(train_rows)}
     log.info("reward model on held-out prompts: pairwise accuracy %.3f, top-1 %.3f, Kendall tau %.3f",
              quality.pairwise_accuracy, quality.top1_accuracy, quality.kendall_tau)
+    final["labelled_prompts"] = len(rankings)
+    final["labelled_comparisons"] = sum(len(ranking_pairs(r["ranks"])) for r in rankings)
+
+    # --- does the reward model carry signal? Best-of-n from SFT on the held-out eval prompts --------
+    # Gold of the answer it picks among n SFT samples vs a single sample's gold: if reranking does not
+    # beat SFT, PPO against this reward model cannot either (Gao et al. 2022).
+    if not args.data:
+        eval_config = load_config(EvalConfig, args.preset)
+        scorer = RewardScorer(model, tokenizer, final["reward_mean"], final["reward_std"])
+        best = best_of_n(load_causal_lm(parent).eval(), tokenizer, eval_records(args.run_dir / "data", eval_config),
+                         scorer, eval_config)
+        write_json_atomic(out / "best_of_n.json", best)
+        for n in eval_config.best_of_n_values:
+            row = best[str(n)]
+            final[f"best_of_{n}_gold"], final[f"best_of_{n}_gold_ci"] = row["reward_model"], row["reward_model_ci"]
+            final[f"best_of_{n}_gain"], final[f"best_of_{n}_gain_ci"] = row["gain"], row["gain_ci"]
+            final[f"best_of_{n}_oracle"] = row["oracle"]
+            log.info("best-of-%d on %d held-out prompts: one sample %.3f, reward-model pick %.3f (%+.3f, 95%% CI "
+                     "%+.3f to %+.3f), oracle %.3f", n, eval_config.prompts, row["mean"], row["reward_model"],
+                     row["gain"], *row["gain_ci"], row["oracle"])
+        final["sample_gold_mean"] = best[str(eval_config.best_of_n_values[0])]["mean"]
 
     manifest = make_manifest("reward", config, args, parent=parent, data_files=ranked_sources(args, config),
                              metrics=final)

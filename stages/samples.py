@@ -39,7 +39,7 @@ def sample_responses(model, tokenizer, prompts, config: SamplesConfig, seed: int
                                   pad_id=tokenizer.pad_id, batch_size=config.batch_size, seed=seed + attempt,
                                   progress=f"sampling (round {attempt + 1})")
         for (i, j), tokens, ended in zip(todo, out.tokens, out.finished):
-            responses[i][j], finished[i][j] = tokenizer.decode_without_specials(tokens).strip(), ended
+            responses[i][j], finished[i][j] = tokenizer.response_text(tokens), ended
         todo = [(i, j) for i in range(len(prompts)) for j in range(config.k)
                 if responses[i][j] in responses[i][:j]]
         if not todo:

@@ -15,10 +15,10 @@ from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
 from minigpt.checkpoint import load_causal_lm, make_manifest, save_model
-from minigpt.config import SFTConfig
-from minigpt.data import load_dialogues, load_prompts
-from minigpt.evaluation import (answer_chat, answer_fewshot, judge_answers, log_examples,
-                                pick_fewshot_examples)
+from minigpt.config import EvalConfig, SFTConfig, load_config
+from minigpt.data import load_dialogues
+from minigpt.evaluation import (eval_records, evaluate, headline, log_examples, pair, pick_fewshot_examples,
+                                summarise)
 from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage,
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
@@ -82,17 +82,28 @@ def main():
     if args.data:
         log.info("custom --data: skipping the gold-judge evaluation (it needs the generated world's prompts)")
     else:
-        prompts = load_prompts(world, "eval")[:config.eval_prompts]
-        sft_answers = answer_chat(model, tokenizer, prompts, seed=args.seed, progress="sft answers")
+        # The shared evaluation (same prompts and seeds as PPO and compare); saved for them to reuse.
+        eval_config = load_config(EvalConfig, args.preset)
+        prompts = eval_records(world, eval_config)
+        sft_eval = evaluate(model, tokenizer, prompts, eval_config, name="sft", is_reference=True)
         base = load_causal_lm(parent).eval()
         examples = pick_fewshot_examples(train_dialogues, config.fewshot)
-        base_answers = answer_fewshot(base, tokenizer, prompts, examples, seed=args.seed, progress="base answers")
-        sft_scores, base_scores = judge_answers(prompts, sft_answers), judge_answers(prompts, base_answers)
-        final.update(sft_scores)
-        final.update({f"{k}_base": v for k, v in base_scores.items()})
+        base_eval = evaluate(base, tokenizer, prompts, eval_config, name="base", fewshot=examples)
+        write_json_atomic(out / "evaluation.json", sft_eval)
+        write_json_atomic(out / "evaluation_base.json", base_eval)
+        sft_summary, base_summary, gain = summarise(sft_eval), summarise(base_eval), pair(base_eval, sft_eval, "base", "sft")
+        final.update({k: sft_summary[k] for k in ("gold_sampled", "gold_sampled_ci", "gold_greedy", "gold_greedy_ci")})
+        final.update({f"{k}_base": base_summary[k] for k in ("gold_sampled", "gold_sampled_ci", "gold_greedy",
+                                                               "gold_greedy_ci")})
+        final.update({k: gain[k] for k in ("gain_sampled", "gain_sampled_ci", "gain_greedy", "gain_greedy_ci",
+                                           "win_rate", "win_rate_ci")})
+        final.update({f"gold_{k}": v for k, v in sft_summary["components"].items()})
+        final["gold_score"], final["gold_score_base"] = sft_summary["gold_sampled"], base_summary["gold_sampled"]
         final["eval_prompts"] = len(prompts)
-        log_examples(prompts, {"base": base_answers, "sft": sft_answers})
-        log.info("gold score: base (few-shot) %.3f -> sft %.3f", base_scores["gold_score"], sft_scores["gold_score"])
+        log_examples(prompts, {"base": base_eval, "sft": sft_eval})
+        log.info("base (few-shot): %s", headline(base_summary))
+        log.info("sft: %s", headline(sft_summary))
+        log.info("%s", gain["summary"])
 
     manifest = make_manifest("sft", config, args, parent=parent, data_files=[source], metrics=final)
     save_model(model, out, parent, manifest)

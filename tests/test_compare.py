@@ -31,15 +31,27 @@ def test_compare_writes_one_finite_entry_per_stage(compared):
     report = json.loads((run_dir / "compare" / "report.json").read_text())
     assert list(report["stages"]) == list(STAGES)
     for name, stage in report["stages"].items():
-        for key in ("gold_score", "rm_score", "kl_to_sft", "mean_length"):
+        for key in ("gold_sampled", "gold_greedy", "rm_sampled", "kl", "length"):
             value = stage[key]
-            if name == "base" and key == "kl_to_sft":
+            if name == "base" and key == "kl":
                 assert value is None  # the base model answers a different (few-shot) prompt: no KL to SFT
                 continue
             assert isinstance(value, float) and math.isfinite(value), (name, key, value)
-        assert set(stage["gold_components"]) == {"correct", "complete", "concise", "clean"}
-    assert report["stages"]["sft"]["kl_to_sft"] == 0.0
+        for key in ("gold_sampled_ci", "gold_greedy_ci"):
+            low, high = stage[key]
+            assert low <= stage[key[:-3]] <= high
+        assert set(stage["components"]) == {"correct", "complete", "concise", "clean"}
+        assert stage["by_kind"]
+    assert report["stages"]["sft"]["kl"] == 0.0
     assert "verdict" in report["stages"]["ppo"]["headline"]
+    for key in ("sft_vs_base", "ppo_vs_sft"):
+        pair = report["pairs"][key]
+        for figure in ("gain_sampled", "gain_greedy", "win_rate"):
+            assert pair[f"{figure}_ci"][0] <= pair[figure] <= pair[f"{figure}_ci"][1]
+    for n, best in report["best_of_n"].items():
+        assert best["oracle"] >= best["reward_model"] - 1e-9 and best["oracle"] >= best["mean"] - 1e-9
+        assert best["kl"] == pytest.approx(math.log(int(n)) - (int(n) - 1) / int(n), abs=1e-5)
+    assert set(report["calibration"]) == {*STAGES, "all"}
     prompts = sum(1 for line in (run_dir / "data" / "prompts_eval.jsonl").read_text().splitlines() if line.strip())
     assert report["prompts"] == len(report["responses"]) == prompts
     for entry in report["responses"]:
@@ -60,16 +72,18 @@ def test_html_report_is_self_contained_with_embedded_curves(compared):
 def test_terminal_table_lists_every_stage(compared):
     _, stdout = compared
     rows = {line.split()[0] for line in stdout.splitlines() if line.strip()}
-    assert set(STAGES) <= rows
+    assert set(STAGES) <= rows and {"sft_vs_base", "ppo_vs_sft"} <= rows
     assert "report.html" in stdout
 
 
 def test_model_text_is_escaped_in_the_html():
-    figures = {"gold_score": 0.5, "rm_score": None, "kl_to_sft": 0.0, "mean_length": 3.0, "gold_components": {},
-               "checkpoint": "x", "headline": {}}
-    answer = {"text": "<script>alert('hi')</script> & more", "gold": 0.1, "rm": None, "kl": 0.0, "length": 9}
-    report = {"run": "r<b>", "seed": 0, "prompts": 1, "stages": {"sft": figures}, "report_card": {},
-              "responses": [{"id": "p1", "prompt": "Say <img src=x>", "sft": answer}]}
+    figures = {"gold_sampled": 0.5, "gold_sampled_ci": [0.4, 0.6], "gold_greedy": 0.5, "gold_greedy_ci": [0.4, 0.6],
+               "rm_sampled": None, "kl": 0.0, "length": 3.0, "components": {}, "by_kind": {}, "checkpoint": "x",
+               "headline": {}}
+    answer = {"text": "<script>alert('hi')</script> & more", "gold": 0.1, "gold_sampled": 0.1, "rm": None, "kl": 0.0,
+              "length": 9}
+    report = {"run": "r<b>", "prompts": 1, "stages": {"sft": figures}, "pairs": {}, "best_of_n": {},
+              "calibration": {}, "report_card": {}, "responses": [{"id": "p1", "prompt": "Say <img src=x>", "sft": answer}]}
     page = render_html(report, images=[])
     assert "<script" not in page and "<img src=x>" not in page and "r<b>" not in page
     assert "&lt;script&gt;alert(&#x27;hi&#x27;)&lt;/script&gt; &amp; more" in page
@@ -86,4 +100,7 @@ def test_stages_are_found_in_pipeline_order_with_rounds_numbered(tmp_path):
         (run_dir / folder).mkdir(parents=True)
         (run_dir / folder / "metrics.json").write_text("{}")
     (run_dir / "sft").mkdir()  # started, never finished: skipped
-    assert [s.name for s in find_stages(run_dir)] == ["base", "ppo", "round2", "round10"]
+    stages = find_stages(run_dir)
+    assert [s.name for s in stages] == ["base", "ppo", "round2", "round10"]
+    # each stage is measured against its parent (the nearest earlier one present)
+    assert [s.parent for s in stages] == [None, "base", "ppo", "round2"]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torch
 
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
@@ -72,11 +74,27 @@ def test_whitening_over_real_tokens():
 
 def test_adaptive_kl_moves_beta_toward_the_target():
     control = AdaptiveKLController(0.1, target=4.0, horizon=10)
-    control.update(8.0, n_steps=1)
+    control.update(8.0, n_samples=1)
     assert control.beta > 0.1
     control = AdaptiveKLController(0.1, target=4.0, horizon=10)
-    control.update(1.0, n_steps=1)
+    control.update(1.0, n_samples=1)
     assert control.beta < 0.1
+
+
+def test_adaptive_kl_moves_slowly_over_many_steps_with_the_stage_batch():
+    """The stage passes the rollouts of a step (64) and the horizon counts rollouts (10,000): after 24
+    steps far below target beta shrinks by a few percent, not to zero (the bug: ×0.36 per step)."""
+    from minigpt.config import PPOConfig
+
+    config = PPOConfig()
+    control = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+    for _ in range(config.steps):
+        control.update(0.0, config.prompts_per_step)
+    floor = config.kl_coef * (1 - 0.2 * config.prompts_per_step / config.kl_horizon) ** config.steps
+    assert control.beta >= floor - 1e-12 and control.beta > 0.9 * config.kl_coef
+    for _ in range(config.steps):
+        control.update(100.0, config.prompts_per_step)
+    assert control.beta < 1.1 * config.kl_coef
 
 
 def test_value_model_starts_as_the_reward_model(tmp_path):
@@ -92,6 +110,18 @@ def test_value_model_starts_as_the_reward_model(tmp_path):
     x = torch.randint(0, 50, (2, 7))
     mask = torch.ones_like(x)
     assert torch.allclose(value_model(x, mask)[:, -1], reward_model(x, attention_mask=mask).logits.squeeze(-1))
+
+
+def test_value_model_starts_on_the_normalised_reward_scale(tmp_path):
+    """PPO's rewards are (raw − mean)/std: the critic's first predictions must be on that scale."""
+    config = MiniGPTConfig(vocab_size=50, n_layer=1, n_head=2, n_embd=16, block_size=32)
+    torch.manual_seed(0)
+    reward_model = MiniGPTForSequenceClassification(config)
+    value_model = TokenValueModel(reward_model, reward_mean=0.55, reward_std=1.45)
+    x = torch.randint(0, 50, (2, 7))
+    mask = torch.ones_like(x)
+    raw = reward_model(x, attention_mask=mask).logits.squeeze(-1)
+    assert torch.allclose(value_model(x, mask)[:, -1], (raw - 0.55) / 1.45, atol=1e-6)
 
 
 class ToyTokenizer:
@@ -141,15 +171,66 @@ def test_ppo_learns_to_say_the_rewarded_token():
     assert after > before + 0.1, (before, after)
 
 
-def test_health_verdict_names_reward_hacking():
-    before = {"rm_score": 0.0, "gold_score": 0.6, "kl": 0.0, "length": 10, "repetition": 0.0, "distinct": 1.0,
-              "end_rate": 1.0}
-    hacked = {**before, "rm_score": 1.0, "gold_score": 0.4, "kl": 2.0}
-    healthy, lines = health_verdict(before, hacked, kl_budget=6.0, history=[])
+def summary(**changes):
+    base = {"rm_sampled": 0.0, "gold_sampled": 0.6, "gold_greedy": 0.6, "kl": 0.0, "length": 10, "repetition": 0.0,
+            "distinct": 1.0, "end_rate": 1.0}
+    return {**base, **changes}
+
+
+def gains(sampled, sampled_ci, greedy=0.0, greedy_ci=(-0.01, 0.01), win=0.5):
+    return {"gain_sampled": sampled, "gain_sampled_ci": list(sampled_ci), "gain_greedy": greedy,
+            "gain_greedy_ci": list(greedy_ci), "win_rate": win, "win_rate_ci": [win - 0.05, win + 0.05]}
+
+
+def test_health_verdict_reads_the_gold_interval():
+    before = summary()
+    hacked = summary(rm_sampled=1.0, gold_sampled=0.4, kl=2.0)
+    healthy, lines = health_verdict(before, hacked, gains(-0.2, (-0.25, -0.15)), kl_budget=6.0, history=[])
     assert not healthy and any("REWARD HACKING" in line for line in lines)
-    good = {**before, "rm_score": 0.8, "gold_score": 0.7, "kl": 2.0}
-    healthy, lines = health_verdict(before, good, kl_budget=6.0, history=[])
-    assert healthy and lines[0].startswith("VERDICT: healthy")
-    runaway = {**good, "length": 40, "end_rate": 0.3, "kl": 9.0}
-    healthy, lines = health_verdict(before, runaway, kl_budget=6.0, history=[])
+    good = summary(rm_sampled=0.8, gold_sampled=0.7, gold_greedy=0.7, kl=2.0)
+    healthy, lines = health_verdict(before, good, gains(0.1, (0.05, 0.15), 0.1, (0.05, 0.15), 0.7), 6.0, [])
+    assert healthy and lines[0].startswith("VERDICT: healthy — PPO improved")
+    # a tiny change inside the noise is not "the gold judge agrees"
+    tiny = summary(rm_sampled=0.8, gold_sampled=0.605, kl=2.0)
+    healthy, lines = health_verdict(before, tiny, gains(0.005, (-0.03, 0.04)), 6.0, [])
+    assert "no measurable gold gain" in lines[0] and any("no measurable change" in line for line in lines)
+    assert not any("agrees" in line for line in lines)
+    # sampled better, greedy not: sharpening
+    _, lines = health_verdict(before, good, gains(0.1, (0.05, 0.15), 0.0, (-0.02, 0.02)), 6.0, [])
+    assert any("lower entropy" in line for line in lines)
+    runaway = summary(rm_sampled=0.8, length=40, end_rate=0.3, kl=9.0)
+    healthy, lines = health_verdict(before, runaway, gains(0.0, (-0.1, 0.1)), 6.0, [])
     assert not healthy and any("length ran away" in line for line in lines) and any("over the budget" in l for l in lines)
+
+
+def test_sequence_kl_is_the_kl_of_the_policy_on_its_own_samples():
+    """Summed per-token log-ratios on samples from the policy estimate KL(policy‖reference); identical models: 0."""
+    from minigpt.ppo import sequence_kl
+    from minigpt.sampling import SamplingConfig, generate
+
+    torch.manual_seed(0)
+    config = MiniGPTConfig(vocab_size=12, n_layer=1, n_head=2, n_embd=16, block_size=32, pad_token_id=0)
+    policy, reference = MiniGPTForCausalLM(config).eval(), MiniGPTForCausalLM(config).eval()
+    prompts = [[2, 3, 4]] * 400
+    out = generate(policy, prompts, SamplingConfig(max_new_tokens=1, temperature=1.0), pad_id=0,
+                   generator=torch.Generator().manual_seed(0))
+    estimate = sum(sequence_kl(policy, reference, prompts, out.tokens, pad_id=0)) / len(prompts)
+    with torch.no_grad():
+        ids = torch.tensor([[2, 3, 4]])
+        p = policy(input_ids=ids).logits[0, -1].log_softmax(-1)
+        q = reference(input_ids=ids).logits[0, -1].log_softmax(-1)
+    exact = (p.exp() * (p - q)).sum().item()
+    assert abs(estimate - exact) < 0.25 * max(exact, 0.05) + 0.02, (estimate, exact)
+    assert sequence_kl(policy, policy, prompts[:4], out.tokens[:4], pad_id=0) == [0.0] * 4
+
+
+def test_the_ppo_reward_reads_the_text_the_judge_reads(tiny_sft):
+    """An emitted special token must not reach the reward model as literal text (a channel the judge never sees)."""
+    from minigpt.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tiny_sft)
+    ids = tokenizer.encode(" Mara lives in Oakford.") + [tokenizer.special_ids["<|user|>"]]
+    text = tokenizer.response_text(ids)
+    assert text == "Mara lives in Oakford." and "<|" not in text
+    source = (Path(__file__).resolve().parents[1] / "stages" / "ppo.py").read_text()
+    assert "tokenizer.response_text(t)" in source and "tokenizer.decode(t)" not in source

@@ -18,6 +18,25 @@ def test_label_noise_swaps_adjacent_levels_only():
     assert ranks_from_scores([0.9, 0.5, 0.1], noise=0.0) == [0, 1, 2]
 
 
+def test_label_noise_moves_no_response_more_than_one_level():
+    rng = random.Random(0)
+    for _ in range(200):
+        noisy = ranks_from_scores([0.9, 0.7, 0.5, 0.3, 0.1], noise=0.9, rng=rng)
+        assert sorted(noisy) == [0, 1, 2, 3, 4]
+        assert all(abs(r - i) <= 1 for i, r in enumerate(noisy)), noisy
+
+
+def test_held_out_split_keeps_every_record_of_a_prompt_together():
+    from minigpt.ranking import split_by_prompt
+
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(20)]
+    rankings = [{"prompt": p, "responses": ["a", "b"], "ranks": [0, 1], "round": r} for r in range(3) for p in prompts]
+    train, val = split_by_prompt(rankings, 0.25, seed=0)
+    key = lambda r: r["prompt"][0]["content"]  # noqa: E731
+    assert val and {key(r) for r in train}.isdisjoint({key(r) for r in val})
+    assert len(train) + len(val) == len(rankings) and len({key(r) for r in val}) == 5
+
+
 def test_pairs_of_a_ranking_with_a_tie():
     # responses 0 and 2 tie for best, 1 is worst: two comparisons, no pair between the tied ones
     assert sorted(ranking_pairs([0, 1, 0])) == [(0, 1), (2, 1)]

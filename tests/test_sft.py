@@ -73,7 +73,7 @@ def test_tiny_sft_lowers_held_out_loss_and_scores_with_the_judge(tiny_sft):
 
 
 def test_lora_sft_writes_a_plain_checkpoint(tiny_pretrained, tmp_path):
-    run_stage("sft", tiny_pretrained, "lora=true", "max_steps=4", "eval_prompts=2", "--out", str(tmp_path / "sft"))
+    run_stage("sft", tiny_pretrained, "lora=true", "max_steps=4", "--out", str(tmp_path / "sft"))
     assert not (tmp_path / "sft" / "adapter_config.json").exists()
     model = load_causal_lm(tmp_path / "sft")
     assert not any("lora" in name for name, _ in model.named_parameters())
@@ -82,7 +82,7 @@ def test_lora_sft_writes_a_plain_checkpoint(tiny_pretrained, tmp_path):
 def test_interrupted_sft_resumes(tiny_pretrained, tmp_path):
     out = tmp_path / "sft"
     command = [PYTHON, "stages/sft.py", "--run", "t", "--preset", "tiny", "--runs-root", str(tiny_pretrained),
-               "--out", str(out), "max_steps=400", "save_steps=1000", "eval_steps=1000", "eval_prompts=2"]
+               "--out", str(out), "max_steps=400", "save_steps=1000", "eval_steps=1000"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and not (out / "metrics.jsonl").exists():
@@ -95,7 +95,7 @@ def test_interrupted_sft_resumes(tiny_pretrained, tmp_path):
     assert checkpoints and not (out / "metrics.json").exists()
     interrupted_at = int(checkpoints[0].name.split("-")[1])
     result = run_stage("sft", tiny_pretrained, "--out", str(out), "max_steps=400", "save_steps=1000",
-                       "eval_steps=1000", "eval_prompts=2")
+                       "eval_steps=1000")
     assert "resuming from" in result.stderr + result.stdout
     assert (out / "metrics.json").exists() and not (out / "trainer").exists()
     steps = [json.loads(line).get("step", 0) for line in (out / "metrics.jsonl").read_text().splitlines()]
