@@ -19,6 +19,7 @@ end-of-turn token, which the fast tokenizer declares as its eos token.
 
 from __future__ import annotations
 
+import copy
 import logging
 import statistics
 from pathlib import Path
@@ -32,7 +33,7 @@ from minigpt.evaluation import evaluate_chat_model
 from minigpt.ppo import answer_profile, kl_to_reference, prompt_and_response_batch, response_logprobs
 from minigpt.ranking import ranking_pairs
 from minigpt.reward_model import score_conversations
-from minigpt.trainer_glue import common_training_arguments, per_device_batch
+from minigpt.trainer_glue import common_training_arguments, per_device_batch, world_size
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def dpo_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
     from trl import DPOConfig as TRLDPOConfig
     from trl import DPOTrainer
 
+    precompute = world_size() == 1
     training_args = TRLDPOConfig(
         **common_training_arguments(out_dir, config, seed),
         per_device_train_batch_size=per_device_batch(config.batch_size, "batch_size"),
@@ -87,14 +89,17 @@ def dpo_trainer(model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
         beta=config.beta,
         loss_type=[config.loss_type],
         disable_dropout=True,
-        # The reference is the SFT model, which is also the policy before its first step: its
-        # log-probabilities are computed once over the pairs instead of a second forward per step
-        # (no reference model in memory; a resumed run recomputes them from the freshly loaded SFT
-        # weights, before the Trainer checkpoint is restored).
-        precompute_ref_log_probs=True,
+        # The reference is the SFT model, which is also the policy before its first step: on one
+        # process its log-probabilities are computed once over the pairs instead of a second forward
+        # per step (a resumed run recomputes them from the freshly loaded SFT weights, before the
+        # Trainer checkpoint is restored). Under several processes TRL 1.16 writes that cache to each
+        # process's own temporary folder for an in-memory dataset and the others cannot find it, so
+        # there the reference is a frozen copy of the SFT model, run at every step.
+        precompute_ref_log_probs=precompute,
         dataset_num_proc=None,
     )
-    return DPOTrainer(model=model, ref_model=None, args=training_args, train_dataset=Dataset.from_list(train_rows),
+    reference = None if precompute else copy.deepcopy(model).eval().requires_grad_(False)
+    return DPOTrainer(model=model, ref_model=reference, args=training_args, train_dataset=Dataset.from_list(train_rows),
                       eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
                       processing_class=tokenizer.to_transformers(), callbacks=list(callbacks))
 
