@@ -62,11 +62,12 @@ define stamp
 	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
 endef
 
-.PHONY: help setup test data tokenizer pretrain sft samples label reward ppo compare all rlhf chat sample bench clean-run settings
+.PHONY: help setup test data tokenizer pretrain sft samples label reward ppo dpo grpo alternatives compare all rlhf chat sample bench clean-run settings
 .DEFAULT_GOAL := help
 
 help:
 	@echo "minigpt: make setup | data | tokenizer | pretrain | sft | samples | label | reward | ppo | compare | all"
+	@echo "         make dpo | grpo | alternatives (both, after the main pipeline; not part of all)"
 	@echo "         make rlhf ROUNDS=N | chat [STAGE=ppo] | sample PROMPT='...' | bench | test"
 	@echo "variables: RUN PRESET SEED DATA ARGS NPROC ACCEL_CONFIG FORCE (see the top of the Makefile)"
 
@@ -117,6 +118,18 @@ $(R)/reward/metrics.json: $(R)/samples/metrics.json $(R)/.settings/reward
 ppo: $(R)/ppo/metrics.json
 $(R)/ppo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/ppo
 	$(LAUNCH) stages/ppo.py $(COMMON) $(call stage_args,PPO,ppo)
+
+# ---- the alternatives to PPO: DPO on the ranked samples, GRPO with the reward model -------------
+dpo: $(R)/dpo/metrics.json
+$(R)/dpo/metrics.json: $(R)/samples/metrics.json $(R)/.settings/dpo
+	$(LAUNCH) stages/dpo.py $(COMMON) $(call stage_args,DPO,dpo)
+
+grpo: $(R)/grpo/metrics.json
+$(R)/grpo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/grpo
+	$(LAUNCH) stages/grpo.py $(COMMON) $(call stage_args,GRPO,grpo)
+
+alternatives: $(R)/ppo/metrics.json $(R)/dpo/metrics.json $(R)/grpo/metrics.json
+	@echo "minigpt: PPO, DPO and GRPO of runs/$(RUN) are done"
 
 compare: $(R)/compare/report.json
 $(R)/compare/report.json: $(R)/ppo/metrics.json $(R)/.settings/compare

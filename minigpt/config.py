@@ -231,6 +231,68 @@ class EvalConfig:
         return values
 
 
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation: the SFT model learns the rankings directly, no reward model."""
+
+    epochs: float = 2.0
+    max_steps: int = -1  # overrides epochs when > 0
+    batch_size: int = 16  # preference pairs per optimiser step (global, split over processes)
+    grad_accum: int = 1
+    lr: float = 2e-5
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    beta: float = 0.1  # strength of the implicit KL leash to the SFT model (higher: stay closer)
+    loss_type: str = "sigmoid"  # TRL's DPO loss: sigmoid (the paper's) | ipo | hinge | ...
+    pairs: str = "all"  # all: every untied pair of a K-way ranking | best: the top response against each other
+    max_length: int = 256  # tokens of prompt + response
+    val_fraction: float = 0.1  # prompts held out: their pairs measure preference accuracy
+    eval_steps: int = 50
+    save_steps: int = 50
+    max_time: float = 0.0
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(epochs=1.0, max_steps=12, batch_size=8, lr=1e-4, eval_steps=6, save_steps=6,
+                     max_length=128, val_fraction=0.25),
+        "gpu": dict(batch_size=64, lr=1e-5, max_length=512, eval_steps=100, save_steps=100),
+    }
+
+
+@dataclass
+class GRPOConfig:
+    """Group relative policy optimisation: k answers per prompt, each judged against its group's mean.
+
+    The budget mirrors PPO's: `steps` rounds of `prompts_per_step` x `k` generations, each round
+    used for `epochs_per_step` passes in `minibatches` optimiser steps.
+    """
+
+    steps: int = 24  # generation rounds
+    prompts_per_step: int = 16  # prompts per round (global); x k completions = PPO's 64 rollouts
+    k: int = 4  # generations per prompt: the group whose mean is the baseline
+    minibatches: int = 4  # optimiser steps per pass over a round's completions
+    epochs_per_step: int = 2  # passes over each round (TRL's num_iterations, μ)
+    lr: float = 3e-5
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    beta: float = 0.05  # KL to the SFT model in the loss (> 0: the reference is loaded)
+    clip_range: float = 0.2  # ε of the clipped ratio
+    loss_type: str = "dapo"  # TRL's token aggregation: dapo | grpo | dr_grpo | bnpo
+    scale_rewards: str = "group"  # divide by the group's std (GRPO) | batch | none (Dr. GRPO)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    reward_clip: float = 5.0  # normalised reward-model score is clipped to ±this, as PPO
+    no_end_penalty: float = -1.0  # added to the score of a response that never ends, as PPO
+    save_steps: int = 40  # Trainer checkpoints (optimiser steps) for Ctrl-C resume
+    max_time: float = 0.0
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(steps=4, prompts_per_step=4, k=4, minibatches=1, epochs_per_step=1, lr=1e-4,
+                     max_new_tokens=16, save_steps=2),
+        "gpu": dict(steps=200, prompts_per_step=64, max_new_tokens=96, save_steps=200),
+    }
+
+
 def load_config(cls, preset: str = "cpu", overrides: typing.Iterable[str] = ()):
     """The config of `cls` for a preset, with `key=value` overrides applied (typed)."""
     if preset not in PRESET_NAMES:
@@ -294,6 +356,6 @@ def to_dict(config) -> dict:
 
 __all__ = [
     "DataConfig", "TokenizerConfig", "PretrainConfig", "SFTConfig", "SamplesConfig",
-    "RewardConfig", "PPOConfig", "EvalConfig", "load_config", "apply_overrides", "split_overrides",
+    "RewardConfig", "PPOConfig", "EvalConfig", "DPOConfig", "GRPOConfig", "load_config", "apply_overrides", "split_overrides",
     "default_preset", "to_dict", "PRESET_NAMES", "field",
 ]

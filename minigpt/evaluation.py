@@ -296,6 +296,21 @@ def pair(before: dict, after: dict, before_name: str = "before", after_name: str
     return out
 
 
+def before_after_metrics(before: dict, after: dict, gains: dict) -> dict:
+    """metrics.json's comparison keys of a stage that starts from a policy (PPO, DPO, GRPO, rounds)."""
+    final = {"gold_before": before["gold_sampled"], "gold_after": after["gold_sampled"],
+             "gold_greedy_before": before["gold_greedy"], "gold_greedy_after": after["gold_greedy"],
+             "gold_sampled": after["gold_sampled"], "gold_sampled_ci": after["gold_sampled_ci"],
+             "gold_greedy": after["gold_greedy"], "gold_greedy_ci": after["gold_greedy_ci"],
+             "kl": after["kl"], "kl_ci": after["kl_ci"], "length_before": before["length"], "length_after": after["length"],
+             **{k: gains[k] for k in ("gain_sampled", "gain_sampled_ci", "gain_greedy", "gain_greedy_ci",
+                                      "win_rate", "win_rate_ci", "win_rate_greedy", "win_rate_greedy_ci")},
+             "eval_prompts": after["prompts"], **{f"gold_{k}_after": v for k, v in after["components"].items()}}
+    if after.get("rm_sampled") is not None:
+        final.update(reward_before=before["rm_sampled"], reward_after=after["rm_sampled"])
+    return final
+
+
 def pair_sentence(figures: dict, before_name: str, after_name: str) -> str:
     """The pair's result in words, e.g. 'ppo beats sft on 63% of prompts (95% CI 57–69%) …'."""
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731

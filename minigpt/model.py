@@ -16,6 +16,7 @@ registered with the Auto classes): `AutoModelForCausalLM.from_pretrained(dir)` w
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,11 @@ from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutp
 
 class MiniGPTConfig(PretrainedConfig):
     model_type = "minigpt"
+    # Our classes are registered with the Auto classes, not shipped as Hub remote code, so there is no
+    # `auto_map`; TRL (GRPOTrainer's reference model, `create_model_from_path`) reads it anyway for any
+    # architecture that transformers does not define. An empty, read-only class attribute answers
+    # "no remote code" to both TRL and transformers and is never written to config.json.
+    auto_map = MappingProxyType({})
     # The standard names, so libraries that look for `hidden_size` & co. find ours.
     attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
                      "num_attention_heads": "n_head", "max_position_embeddings": "block_size"}
@@ -155,7 +161,9 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         self.wte = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, inputs_embeds=None, **kwargs):
+                use_cache=None, inputs_embeds=None, cache=None, **kwargs):
+        # Transformers 5 `generate` hands the cache over as `cache`; our own sampler as `past_key_values`.
+        past_key_values = cache if past_key_values is None else past_key_values
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T = x.shape[:2]
         if use_cache and past_key_values is None:
@@ -230,8 +238,8 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=None, inputs_embeds=None, labels=None, logits_to_keep=0,
-                num_items_in_batch=None, **kwargs):
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds)
+                num_items_in_batch=None, cache=None, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds, cache)
         hidden = out.last_hidden_state
         if logits_to_keep:  # generation only needs the last position's logits
             hidden = hidden[:, -logits_to_keep:]
@@ -270,8 +278,8 @@ class MiniGPTForSequenceClassification(MiniGPTPreTrainedModel):
         self.model.wte = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, inputs_embeds=None, labels=None, **kwargs):
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds)
+                use_cache=None, inputs_embeds=None, labels=None, cache=None, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds, cache)
         scores = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B, T = scores.shape[:2]
         if attention_mask is not None:  # last real token, for left or right padding alike

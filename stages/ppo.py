@@ -21,7 +21,7 @@ from minigpt.checkpoint import (clear_resume_state, load_causal_lm, load_resume_
                                 make_manifest, read_manifest, save_model, save_resume_state)
 from minigpt.config import EvalConfig, PPOConfig, load_config, to_dict
 from minigpt.data import load_prompts
-from minigpt.evaluation import (RewardScorer, add_reward_scores, eval_records, evaluate, headline, load_evaluation,
+from minigpt.evaluation import (RewardScorer, add_reward_scores, before_after_metrics, eval_records, evaluate, headline, load_evaluation,
                                 log_examples, pair, plot_overoptimisation, summarise)
 from minigpt.ppo import (AdaptiveKLController, TokenValueModel, assign_rewards, health_verdict, make_rollout,
                          ppo_update, rollout_stats)
@@ -198,16 +198,9 @@ def main():
         log.info("%s", gains["summary"])
         kl_budget = 1.5 * config.kl_target
         healthy, verdict = health_verdict(before, after, gains, kl_budget, metrics.read())
-        final = {"reward_before": before["rm_sampled"], "reward_after": after["rm_sampled"], "kl": after["kl"],
-                 "kl_ci": after["kl_ci"], "kl_budget": kl_budget,
-                 "gold_before": before["gold_sampled"], "gold_after": after["gold_sampled"],
-                 "gold_greedy_before": before["gold_greedy"], "gold_greedy_after": after["gold_greedy"],
-                 **{k: gains[k] for k in ("gain_sampled", "gain_sampled_ci", "gain_greedy", "gain_greedy_ci",
-                                          "win_rate", "win_rate_ci", "win_rate_greedy", "win_rate_greedy_ci")},
-                 "length_before": before["length"], "length_after": after["length"],
-                 "healthy": healthy, "verdict": verdict, "steps": step, "world_size": world,
-                 "eval_prompts": len(eval_prompts), "train_time_sec": round(time.time() - started, 1),
-                 **{f"gold_{k}_after": v for k, v in after["components"].items()}}
+        final = {**before_after_metrics(before, after, gains), "kl_budget": kl_budget, "healthy": healthy,
+                 "verdict": verdict, "steps": step, "world_size": world,
+                 "train_time_sec": round(time.time() - started, 1)}
         manifest = make_manifest("ppo", config, args, parent=policy_dir, data_files=[data], metrics=final,
                                  reward_model=str(reward_dir))
         save_model(final_policy, out, policy_dir, manifest)

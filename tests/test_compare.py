@@ -96,11 +96,11 @@ def test_a_run_without_finished_stages_is_a_clear_error(tmp_path):
 
 def test_stages_are_found_in_pipeline_order_with_rounds_numbered(tmp_path):
     run_dir = tmp_path / "r"
-    for folder in ("pretrain", "ppo", "rounds/10/ppo", "rounds/2/ppo", "rounds/3/samples"):
+    for folder in ("pretrain", "grpo", "ppo", "dpo", "rounds/10/ppo", "rounds/2/ppo", "rounds/3/samples"):
         (run_dir / folder).mkdir(parents=True)
         (run_dir / folder / "metrics.json").write_text("{}")
     (run_dir / "sft").mkdir()  # started, never finished: skipped
     stages = find_stages(run_dir)
-    assert [s.name for s in stages] == ["base", "ppo", "round2", "round10"]
-    # each stage is measured against its parent (the nearest earlier one present)
-    assert [s.parent for s in stages] == [None, "base", "ppo", "round2"]
+    assert [s.name for s in stages] == ["base", "ppo", "dpo", "grpo", "round2", "round10"]
+    # each stage is measured against its parent (the nearest earlier one present: sft is missing here)
+    assert [s.parent for s in stages] == [None, "base", "base", "base", "ppo", "round2"]

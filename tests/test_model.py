@@ -79,6 +79,17 @@ def test_generate_of_transformers_works_with_our_model():
     assert out[0, 3:].tolist() == ours
 
 
+def test_generate_of_transformers_keeps_its_cache_on_a_left_padded_batch():
+    # Transformers 5 passes the cache as `cache=`; dropping it would decode each new token without context.
+    m = model()
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    ids = torch.tensor([[0, 0, 0, 3, 4, 5], prompts[1]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+    out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ours = generate(m, prompts, SamplingConfig(max_new_tokens=8, temperature=0)).tokens
+    assert out[:, 6:].tolist() == ours
+
+
 def test_from_pretrained_round_trip(tmp_path):
     m = model()
     m.save_pretrained(tmp_path)
