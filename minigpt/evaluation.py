@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,7 @@ def evaluate(model, tokenizer, records, config: EvalConfig, *, name: str = "", f
     for KL(policy‖SFT) on the policy's own samples (`is_reference`: the model *is* SFT, KL = 0).
     `reward`: a RewardScorer, to add reward-model scores. Returns the JSON-able evaluation.
     """
+    started = time.time()
     was_training = model.training
     model.eval()
 
@@ -194,6 +196,9 @@ def evaluate(model, tokenizer, records, config: EvalConfig, *, name: str = "", f
     evaluation = {"name": name, "config": to_dict(config), "chat": fewshot is None, "prompts": entries}
     if reward is not None:
         add_reward_scores(evaluation, records, reward)
+    evaluation["seconds"] = round(time.time() - started, 2)
+    log.info("evaluation of %s: %d prompts x (1 greedy + %d sampled + %d policy) answers in %.1f s", name or "model",
+             len(records), config.samples, n_policy, evaluation["seconds"])
     return evaluation
 
 
@@ -258,7 +263,7 @@ def _mean_ci(values, seed=0) -> tuple[float | None, list[float] | None]:
 
 def summarise(evaluation: dict) -> dict:
     """Means with 95% bootstrap intervals over prompts, overall and per prompt kind."""
-    out = {"prompts": len(evaluation["prompts"])}
+    out = {"prompts": len(evaluation["prompts"]), "eval_seconds": evaluation.get("seconds")}
     for decoding in ("sampled", "greedy", "policy"):
         for key in ("gold", "rm"):
             mean, ci = _mean_ci(per_prompt(evaluation, key, decoding))

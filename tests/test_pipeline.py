@@ -55,3 +55,7 @@ def test_rlhf_rounds(tiny_ppo, tmp_path):
     for name in ("samples/ranked.jsonl", "reward/metrics.json", "ppo/metrics.json"):
         assert (root / "t" / "rounds" / "2" / name).exists(), name
     assert "gold after" in result.stdout
+    # each round's "before" is its own starting policy (round 1's PPO), not the SFT model
+    round1 = json.loads((root / "t" / "ppo" / "metrics.json").read_text())
+    assert summary[1]["gold_before"] == round1["gold_after"]
+    assert summary[1]["gain_sampled_ci"][0] <= summary[1]["gain_sampled"] <= summary[1]["gain_sampled_ci"][1]
