@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from minigpt.checkpoint import load_causal_lm, load_sequence_classifier, read_manifest
 from minigpt.data import load_dialogues, load_prompts
 from minigpt.evaluation import EVAL_SAMPLING, answer_chat, answer_fewshot, pick_fewshot_examples
-from minigpt.judge import score
+from minigpt.judge import NO_JUDGE_NOTE, has_judge_records, score
 from minigpt.ppo import kl_to_reference
 from minigpt.reward_model import score_conversations
 from minigpt.run import setup_logging, write_json_atomic, write_text_atomic
@@ -161,9 +161,9 @@ def answer_and_score(stage: Stage, records, examples, seed: int, reference, rewa
     else:
         kl = [None] * len(texts)
     rm = reward(records, texts) if reward is not None else [None] * len(texts)
-    rows = []
+    rows, judged_prompts = [], has_judge_records(records)
     for record, text, finished, rm_score, kl_score in zip(records, texts, answers.finished, rm, kl):
-        judged = score(record, text, finished)
+        judged = score(record, text, finished) if judged_prompts else {"score": None}
         rows.append({"text": text, "finished": finished, "gold": json_number(judged.pop("score")),
                      "rm": json_number(rm_score), "kl": json_number(kl_score), "length": len(tokenizer.encode(text)),
                      "components": judged})
@@ -184,11 +184,16 @@ def prompt_text(record: dict) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
 
 
-def collect(run_dir: Path, seed: int, n_prompts: int) -> dict:
-    """The report: every stage's answers to the same prompts, scored, and its averages."""
+def collect(run_dir: Path, seed: int, n_prompts: int, eval_data: str = "", sft_data: str = "") -> dict:
+    """The report: every stage's answers to the same prompts, scored, and its averages.
+
+    `eval_data`/`sft_data`: the run's own held-out prompts and dialogues when not the world's.
+    """
     stages = find_stages(run_dir)
-    records = load_prompts(run_dir / "data", "eval")[:n_prompts]
-    examples = pick_fewshot_examples(load_dialogues(run_dir / "data", "train"), FEWSHOT_EXAMPLES)
+    records = load_prompts(eval_data or run_dir / "data", "eval")[:n_prompts]
+    examples = pick_fewshot_examples(load_dialogues(sft_data or run_dir / "data", "train"), FEWSHOT_EXAMPLES)
+    if not has_judge_records(records):
+        log.info("compare: %s; the report shows reward-model scores, KL, length and the answers", NO_JUDGE_NOTE)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reference = None
     if is_finished(run_dir / "sft"):
@@ -196,7 +201,8 @@ def collect(run_dir: Path, seed: int, n_prompts: int) -> dict:
     reward = load_reward_scorer(run_dir, device)
     report = {"run": run_dir.name, "seed": seed, "prompts": len(records), "stages": {},
               "responses": [{"id": r.get("id", str(i)), "prompt": prompt_text(r)} for i, r in enumerate(records)],
-              "report_card": report_card(run_dir)}
+              "report_card": report_card(run_dir),
+              **({} if has_judge_records(records) else {"note": NO_JUDGE_NOTE})}
     for stage in tqdm(stages, desc="compare", unit="stage"):
         rows = answer_and_score(stage, records, examples, seed, reference, reward, device)
         report["stages"][stage.name] = summarise(stage, rows, read_headline(stage.folder, stage.kind))
@@ -249,7 +255,7 @@ def render_markdown(report: dict) -> str:
     header, rows = averages_rows(report)
     out = [f"# minigpt run `{report['run']}`: every stage on {report['prompts']} held-out prompts "
            f"(seed {report['seed']})", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-           *("| " + " | ".join(r) + " |" for r in rows),
+           *("| " + " | ".join(r) + " |" for r in rows), *(["", f"*{report['note']}*"] if "note" in report else []),
            "", "## Report card", ""]
     for label, headline in report["report_card"].items():
         figures, verdict = card_lines(headline)
@@ -286,7 +292,8 @@ def render_html(report: dict, images: list[tuple[str, bytes]]) -> str:
            f"<p>Same prompts, decoding and seed ({report['seed']}) for every stage. RM: reward-model score "
            "(normalised); KL: nats per answer to the SFT model; tokens: answer length.</p>",
            "<h2>Averages</h2><table><tr>" + cells(header, "th") + "</tr>",
-           *("<tr>" + cells(r) + "</tr>" for r in rows), "</table><h2>Report card</h2><ul>"]
+           *("<tr>" + cells(r) + "</tr>" for r in rows), "</table>",
+           *([f"<p class=warn>{e(report['note'])}</p>"] if "note" in report else []), "<h2>Report card</h2><ul>"]
     for label, headline in report["report_card"].items():
         figures, verdict = card_lines(headline)
         warn = lambda line: "warn" if line.startswith(("WARN", "VERDICT: needs")) else "ok"
@@ -336,19 +343,23 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS, help="first N held-out prompts")
     parser.add_argument("--preset", default=None, help="accepted for the Makefile; compare has no settings")
+    parser.add_argument("--eval-data", default="", help="held-out prompts (default: the world's)")
+    parser.add_argument("--sft-data", default="", help="dialogues for the base model's few-shot prompt")
     parser.add_argument("overrides", nargs="*", help="prompts=N")
     args = parser.parse_args(argv)
     n_prompts = parse_overrides(args.overrides, args.prompts)
     run_dir = Path(args.runs_root) / args.run
     out_dir = run_dir / "compare"
     setup_logging(out_dir)
-    report = collect(run_dir, args.seed, n_prompts)
+    report = collect(run_dir, args.seed, n_prompts, args.eval_data, args.sft_data)
     write_text_atomic(out_dir / "report.md", render_markdown(report))
     write_text_atomic(out_dir / "report.html", render_html(report, curve_images(run_dir)))
     write_json_atomic(out_dir / "report.json", report)  # last: Make's target
-    print("\n" + render_table(report), flush=True)
+    print("\n" + render_table(report) + (f"\n{report['note']}" if "note" in report else ""), flush=True)
     print(f"\nreport: {out_dir / 'report.html'} (also report.md, report.json)", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    from minigpt.run import run_main
+
+    run_main(main)

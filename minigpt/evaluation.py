@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minigpt.judge import score, score_many
+from minigpt.judge import has_judge_records, score, score_many
 from minigpt.sampling import SamplingConfig, generate_in_batches
 
 log = logging.getLogger(__name__)
@@ -74,19 +74,22 @@ def answer_fewshot(model, tokenizer, records, examples, sampling=EVAL_SAMPLING, 
 
 
 def judge_answers(records, answers: Answers) -> dict:
-    """{'gold_score': mean, 'gold_<component>': mean, …} over the prompts."""
+    """{'gold_score': mean, 'gold_<component>': mean, …} over the prompts ({} without judge records)."""
+    if not has_judge_records(records):
+        return {}
     mean, components = score_many(records, answers.responses, answers.finished)
     return {"gold_score": mean, **{f"gold_{k}": v for k, v in components.items()}}
 
 
 def log_examples(records, columns: dict[str, Answers], n: int = 5) -> None:
     """A few prompt → answer lines per model, with their gold scores, into the log."""
+    judged = has_judge_records(records)
     for record in records[:n]:
         i = records.index(record)
         log.info("prompt: %s", record["messages"][-1]["content"].replace("\n", " ")[:200])
         for name, answers in columns.items():
-            s = score(record, answers.responses[i], answers.finished[i])["score"]
-            log.info("  %-5s [%.2f] %s", name, s, answers.responses[i][:200])
+            s = f"{score(record, answers.responses[i], answers.finished[i])['score']:.2f}" if judged else "-"
+            log.info("  %-5s [%s] %s", name, s, answers.responses[i][:200])
 
 
 @torch.no_grad()

@@ -335,8 +335,16 @@ def health_verdict(before: dict, after: dict, kl_budget: float, history: list[di
           f"no collapse: {after['distinct']:.0%} of answers to different prompts are distinct "
           f"(SFT {before['distinct']:.0%})",
           f"the policy collapsed: only {after['distinct']:.0%} of answers are distinct (SFT {before['distinct']:.0%})")
-    gold_change = after["gold_score"] - before["gold_score"]
-    if rise > 0 and gold_change < -0.02:
+    if after.get("gold_score") is None or before.get("gold_score") is None:
+        from minigpt.judge import NO_JUDGE_NOTE
+
+        lines.append(f"note  {NO_JUDGE_NOTE}: whether the reward rise is real, read the answers")
+        gold_change = None
+    else:
+        gold_change = after["gold_score"] - before["gold_score"]
+    if gold_change is None:
+        pass
+    elif rise > 0 and gold_change < -0.02:
         check(False, "", f"REWARD HACKING: the reward model's score rose ({rise:+.3f}) while the gold judge's "
                          f"fell ({gold_change:+.3f}); the policy found what the reward model wrongly likes")
     else:

@@ -22,16 +22,21 @@ from minigpt.checkpoint import (clear_resume_state, load_causal_lm, load_resume_
 from minigpt.config import PPOConfig, load_config, to_dict
 from minigpt.data import load_prompts
 from minigpt.evaluation import answer_chat, judge_answers, log_examples
+from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
 from minigpt.ppo import (AdaptiveKLController, TokenValueModel, answer_profile, assign_rewards, health_verdict,
                          kl_to_reference, make_rollout, ppo_update, rollout_stats)
 from minigpt.reward_model import score_conversations
-from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves,
+from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves, run_main,
                          require_stage, setup_logging, write_json_atomic, write_text_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import agree_max, check_replicas_agree, require_data_parallel
 from minigpt.training import make_accelerator, seed_everything
 
 log = logging.getLogger("minigpt.ppo")
+
+
+def gold_of(result: dict) -> dict:
+    return {"gold_score": result["gold_score"]} if "gold_score" in result else {}  # none without judge records
 
 
 def extra_arguments(parser):
@@ -88,7 +93,9 @@ def main():
     # --- prompts: each process takes its share of every step's global batch ------------------------------
     data = args.data or args.run_dir / "data"
     prompts = load_prompts(data, "ppo")
-    eval_prompts = load_prompts(args.run_dir / "data", "eval")[:config.eval_prompts]
+    eval_prompts = load_prompts(args.eval_data or args.run_dir / "data", "eval")[:config.eval_prompts]
+    if not has_judge_records(eval_prompts):
+        log.info("ppo: %s; the verdict rests on the reward model, KL and the answers' profile", NO_JUDGE_NOTE)
     if config.prompts_per_step % world or config.minibatch_size % world:
         raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} and minibatch_size={config.minibatch_size} "
                          f"count rollouts over all processes and must both be divisible by {world} processes")
@@ -112,8 +119,9 @@ def main():
         profile = answer_profile(answers, tokenizer)
         result = {**gold, "rm_score": ((rm - reward_mean) / reward_std).mean().item(), "kl": statistics.fmean(kl),
                   **profile}
-        log.info("%s on %d held-out prompts: gold %.3f, reward %.3f, KL %.2f, length %.1f", name, len(eval_prompts),
-                 result["gold_score"], result["rm_score"], result["kl"], result["length"])
+        log.info("%s on %d held-out prompts: gold %s, reward %.3f, KL %.2f, length %.1f", name, len(eval_prompts),
+                 f"{result['gold_score']:.3f}" if "gold_score" in result else "-", result["rm_score"], result["kl"],
+                 result["length"])
         return result, answers
 
     is_main = accelerator.is_main_process
@@ -122,7 +130,7 @@ def main():
         before, before_answers = evaluate(load_causal_lm(sft_dir).to(device), "SFT policy")
     metrics = MetricsLog(out / "metrics.jsonl", is_main, resume_step=start_step if state else None)
     if is_main and not state:
-        metrics.log(step=0, gold_score=before["gold_score"], eval_rm_score=before["rm_score"], eval_kl=0.0)
+        metrics.log(step=0, **gold_of(before), eval_rm_score=before["rm_score"], eval_kl=0.0)
 
     # --- the PPO loop -----------------------------------------------------------------------------------------
     started = time.time()
@@ -152,8 +160,7 @@ def main():
             bar.update(1)
             if step % config.eval_every == 0 and step < config.steps and is_main:
                 result, _ = evaluate(raw_policy, f"step {step}")
-                metrics.log(step=step, gold_score=result["gold_score"], eval_rm_score=result["rm_score"],
-                            eval_kl=result["kl"])
+                metrics.log(step=step, **gold_of(result), eval_rm_score=result["rm_score"], eval_kl=result["kl"])
                 raw_policy.train()
             interrupted = agree_max(interrupt.requested, device)
             if step % config.save_every == 0 or interrupted:
@@ -176,12 +183,12 @@ def main():
     if is_main:
         final_policy = raw_policy.merge_and_unload() if config.lora else raw_policy
         after, after_answers = evaluate(final_policy, "PPO policy")
-        metrics.log(step=step, gold_score=after["gold_score"], eval_rm_score=after["rm_score"], eval_kl=after["kl"])
+        metrics.log(step=step, **gold_of(after), eval_rm_score=after["rm_score"], eval_kl=after["kl"])
         log_examples(eval_prompts, {"sft": before_answers, "ppo": after_answers})
         kl_budget = 1.5 * config.kl_target
         healthy, verdict = health_verdict(before, after, kl_budget, metrics.read())
         final = {"reward_before": before["rm_score"], "reward_after": after["rm_score"], "kl": after["kl"],
-                 "kl_budget": kl_budget, "gold_before": before["gold_score"], "gold_after": after["gold_score"],
+                 "kl_budget": kl_budget, "gold_before": before.get("gold_score"), "gold_after": after.get("gold_score"),
                  "length_before": before["length"], "length_after": after["length"],
                  "healthy": healthy, "verdict": verdict, "steps": step, "world_size": world,
                  "train_time_sec": round(time.time() - started, 1),
@@ -198,4 +205,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -20,7 +20,7 @@ from minigpt.config import RewardConfig
 from minigpt.data import DataError, load_rankings, split_off
 from minigpt.ranking import ranking_metrics
 from minigpt.reward_model import RankingCollator, RankingRewardTrainer, encode_rankings, score_conversations
-from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage,
+from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
@@ -116,4 +116,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -3,7 +3,9 @@
     python stages/sft.py --run default --preset cpu [lora=true lr=5e-4 ...]
 
 Reads runs/<RUN>/pretrain and the run's SFT dialogues (or --data: messages, ShareGPT, Alpaca,
-OpenAssistant trees, HH transcripts); writes runs/<RUN>/sft/. TRL's SFTTrainer renders each dialogue
+OpenAssistant trees, HH transcripts); writes runs/<RUN>/sft/. The base and SFT models answer the
+held-out prompts (the world's, or --eval-data); the gold judge scores them where the prompts carry
+judge records. TRL's SFTTrainer renders each dialogue
 with the tokenizer's chat template and puts the loss on the assistant's turns only. With LoRA the
 adapter is merged at the end, so every later stage sees one plain model.
 """
@@ -19,7 +21,8 @@ from minigpt.config import SFTConfig
 from minigpt.data import load_dialogues, load_prompts
 from minigpt.evaluation import (answer_chat, answer_fewshot, judge_answers, log_examples,
                                 pick_fewshot_examples)
-from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage,
+from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
+from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
@@ -79,20 +82,25 @@ def main():
 
     # --- what the stage did: base (few-shot) vs SFT on held-out prompts, scored by the gold judge -----
     final = {"val_loss": val_loss}
-    if args.data:
-        log.info("custom --data: skipping the gold-judge evaluation (it needs the generated world's prompts)")
-    else:
-        prompts = load_prompts(world, "eval")[:config.eval_prompts]
+    eval_source = args.eval_data or world
+    prompts = load_prompts(eval_source, "eval")[:config.eval_prompts] if args.eval_data or world.is_dir() else []
+    if prompts:
         sft_answers = answer_chat(model, tokenizer, prompts, seed=args.seed, progress="sft answers")
         base = load_causal_lm(parent).eval()
         examples = pick_fewshot_examples(train_dialogues, config.fewshot)
         base_answers = answer_fewshot(base, tokenizer, prompts, examples, seed=args.seed, progress="base answers")
+        log_examples(prompts, {"base": base_answers, "sft": sft_answers})
+        final["eval_prompts"] = len(prompts)
+    if not prompts:
+        log.info("sft: no held-out prompts (no world data and no --eval-data): val_loss only")
+    elif has_judge_records(prompts):
         sft_scores, base_scores = judge_answers(prompts, sft_answers), judge_answers(prompts, base_answers)
         final.update(sft_scores)
         final.update({f"{k}_base": v for k, v in base_scores.items()})
-        final["eval_prompts"] = len(prompts)
-        log_examples(prompts, {"base": base_answers, "sft": sft_answers})
         log.info("gold score: base (few-shot) %.3f -> sft %.3f", base_scores["gold_score"], sft_scores["gold_score"])
+    else:
+        final["gold"] = NO_JUDGE_NOTE
+        log.info("sft: %s (%s)", NO_JUDGE_NOTE, eval_source)
 
     manifest = make_manifest("sft", config, args, parent=parent, data_files=[source], metrics=final)
     save_model(model, out, parent, manifest)
@@ -103,4 +111,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
