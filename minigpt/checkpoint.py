@@ -2,7 +2,8 @@
 
 A stage folder is an ordinary Transformers folder (`model.safetensors`, `config.json`, tokenizer
 files) plus `manifest.json`. Every file is written beside its final name and renamed into place,
-weights first and manifest last, so a crash mid-save leaves the previous checkpoint loadable.
+weights first and manifest last; a crash mid-save leaves the previous checkpoint loadable, or new weights
+that the manifest's checksum refuses (never a silent mix).
 The manifest records the sha256 of the weights, checked on every load: a damaged file is one clear
 error naming the folder, the file and the fix, never a deserialisation traceback.
 Resume state (optimizer, scheduler, data position, RNG) lives in `<stage>/resume/`, swapped in as
