@@ -4,21 +4,34 @@
 #
 # Variables (every target):
 #   RUN=default   outputs go to runs/$(RUN)/
-#   PRESET=       tiny | cpu | gpu (empty: gpu when CUDA is available, otherwise cpu)
-#   SEED=0        the run's seed
-#   DATA=         a data source instead of the generated world (file, folder or Hub name)
+#   PRESET=       tiny | cpu | gpu (a new run: gpu when CUDA is available, otherwise cpu)
+#   SEED=         the run's seed (a new run: 0)
+#   DATA=         a data source instead of the generated world, for every stage (file, folder or Hub name)
+#   PRETRAIN_DATA= SFT_DATA= REWARD_DATA= PPO_DATA= EVAL_DATA=   the same for one stage's data
+#                 (pretraining text, also the tokenizer's; dialogues; rankings or preference pairs;
+#                 PPO prompts; held-out evaluation prompts)
 #   ARGS=         key=value overrides for the stage(s) named on the command line
 #   NPROC=1       processes: >1 runs the stage under `accelerate launch` (GPUs, or CPU processes)
 #   ACCEL_CONFIG= an accelerate config file (configs/accelerate/*.yaml) for NPROC>1
 #   ACCEL_ARGS=   more `accelerate launch` flags (e.g. --num_machines 2 --machine_rank 1 ...)
-#   FORCE=        1 reruns the stage(s) named on the command line
+#   FORCE=        1 reruns the stage(s) named on the command line, and lets changed settings redo
+#                 finished stages
 #   RUNS_ROOT=runs  where runs live
 # Stage-specific overrides that survive chaining: PRETRAIN_ARGS, SFT_ARGS, SAMPLES_ARGS, ...
+#
+# A run remembers its settings (runs/$(RUN)/settings.json, minigpt/settings.py): preset, seed, data
+# and each stage's arguments, as first given. A later command that leaves one unset uses the run's
+# own; one that changes it, so that finished stages would be redone, names them and stops unless FORCE=1.
 
 RUN ?= default
 PRESET ?=
-SEED ?= 0
+SEED ?=
 DATA ?=
+PRETRAIN_DATA ?=
+SFT_DATA ?=
+REWARD_DATA ?=
+PPO_DATA ?=
+EVAL_DATA ?=
 ARGS ?=
 NPROC ?= 1
 ACCEL_CONFIG ?=
@@ -52,24 +65,40 @@ LAUNCH := $(VENV)/bin/accelerate launch --multi_gpu --num_processes $(NPROC) --n
 endif
 endif
 
-COMMON = --run $(RUN) --runs-root $(RUNS_ROOT) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) $(if $(DATA),--data $(DATA))
-# ARGS goes to the stages named on the command line; <STAGE>_ARGS always to that stage.
-stage_args = $($(1)_ARGS) $(if $(filter $(2),$(MAKECMDGOALS)),$(ARGS))
-# A stage reruns when its settings change: the stamp is rewritten only when they differ.
-define stamp
-	@mkdir -p $(R)/.settings
-	@echo '$(PRESET) $(SEED) $(DATA) $(call stage_args,$(1),$(2)) $(if $(and $(FORCE),$(filter $(2),$(MAKECMDGOALS))),force-$(shell date +%s%N))' > $@.new
-	@if cmp -s $@.new $@; then rm $@.new; else mv $@.new $@; fi
-endef
+# ---- the run's settings: resolved once per command, before any recipe runs ----------------------
+# minigpt/settings.py reads what the command gives and what the run remembers, refuses a silent
+# redo of finished stages, writes the stamps runs/$(RUN)/.settings/<stage> (Make reruns a stage whose
+# stamp is newer than its output) and hands back RUN_PRESET, RUN_SEED, RUN_<KIND>_DATA, RUN_<STAGE>_ARGS.
+PIPELINE_GOALS := data tokenizer pretrain sft samples label reward ppo dpo grpo alternatives compare all rlhf
+STAGE_VARS := DATA TOKENIZER PRETRAIN SFT SAMPLES REWARD PPO DPO GRPO COMPARE
+quote = '$(subst ','\'',$(1))'
+NL := @@newline@@
+define newline
 
-.PHONY: help setup test data tokenizer pretrain sft samples label reward ppo dpo grpo alternatives compare all rlhf chat sample bench clean-run settings
+
+endef
+ifneq ($(filter $(PIPELINE_GOALS),$(MAKECMDGOALS)),)
+ifeq ($(wildcard $(VENV)/.installed),)
+SETUP_LOG := $(shell $(MAKE) --no-print-directory setup >&2)
+endif
+RESOLVED := $(shell $(PY) minigpt/settings.py --run-dir $(call quote,$(R)) --goals $(call quote,$(MAKECMDGOALS)) \
+  --force $(call quote,$(FORCE)) --newline '$(NL)' --set preset=$(call quote,$(PRESET)) --set seed=$(call quote,$(SEED)) \
+  $(foreach v,DATA PRETRAIN_DATA SFT_DATA REWARD_DATA PPO_DATA EVAL_DATA,--set $(call quote,$(v)=$($(v)))) \
+  $(foreach v,$(STAGE_VARS),--args $(call quote,$(v)=$($(v)_ARGS))) --goal-args $(call quote,$(ARGS)))
+$(eval $(subst $(NL),$(newline),$(RESOLVED)))
+endif
+
+COMMON = --run $(RUN) --runs-root $(RUNS_ROOT) --seed $(RUN_SEED) --preset $(RUN_PRESET)
+data_arg = $(if $(2),$(1) $(2))
+
+.PHONY: help setup test data tokenizer pretrain sft samples label reward ppo dpo grpo alternatives compare all rlhf chat sample bench clean-run
 .DEFAULT_GOAL := help
 
 help:
 	@echo "minigpt: make setup | data | tokenizer | pretrain | sft | samples | label | reward | ppo | compare | all"
 	@echo "         make dpo | grpo | alternatives (both, after the main pipeline; not part of all)"
 	@echo "         make rlhf ROUNDS=N | chat [STAGE=ppo] | sample PROMPT='...' | bench | test"
-	@echo "variables: RUN PRESET SEED DATA ARGS NPROC ACCEL_CONFIG FORCE (see the top of the Makefile)"
+	@echo "variables: RUN PRESET SEED DATA *_DATA ARGS NPROC ACCEL_CONFIG FORCE (see the top of the Makefile)"
 
 # ---- set-up: torch first (a CPU build here; TORCH_SPEC picks another), then the package ---------
 setup: $(VENV)/.installed
@@ -84,62 +113,62 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 # ---- the pipeline ------------------------------------------------------------------------------
-$(R)/.settings/%: settings
-	$(call stamp,$(shell echo $* | tr a-z A-Z),$*)
-settings: ;
+$(R)/.settings/%:  # written by minigpt/settings.py above; this rule only lets Make accept them
+	@mkdir -p $(@D) && touch $@
 
 data: $(R)/data/stats.json
 $(R)/data/stats.json: $(R)/.settings/data | setup
-	$(PY) data/generate.py --out $(R)/data --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) $(call stage_args,DATA,data)
+	$(PY) data/generate.py --out $(R)/data --seed $(RUN_SEED) --preset $(RUN_PRESET) $(RUN_DATA_ARGS)
 
 tokenizer: $(R)/tokenizer/metrics.json
 $(R)/tokenizer/metrics.json: $(R)/data/stats.json $(R)/.settings/tokenizer
-	$(PY) stages/tokenizer.py $(COMMON) $(call stage_args,TOKENIZER,tokenizer)
+	$(PY) stages/tokenizer.py $(COMMON) $(call data_arg,--data,$(RUN_PRETRAIN_DATA)) $(RUN_TOKENIZER_ARGS)
 
 pretrain: $(R)/pretrain/metrics.json
 $(R)/pretrain/metrics.json: $(R)/tokenizer/metrics.json $(R)/.settings/pretrain
-	$(LAUNCH) stages/pretrain.py $(COMMON) $(call stage_args,PRETRAIN,pretrain)
+	$(LAUNCH) stages/pretrain.py $(COMMON) $(call data_arg,--data,$(RUN_PRETRAIN_DATA)) $(RUN_PRETRAIN_ARGS)
 
 sft: $(R)/sft/metrics.json
 $(R)/sft/metrics.json: $(R)/pretrain/metrics.json $(R)/.settings/sft
-	$(LAUNCH) stages/sft.py $(COMMON) $(call stage_args,SFT,sft)
+	$(LAUNCH) stages/sft.py $(COMMON) $(call data_arg,--data,$(RUN_SFT_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_SFT_ARGS)
 
 samples: $(R)/samples/metrics.json
 $(R)/samples/metrics.json: $(R)/sft/metrics.json $(R)/.settings/samples
-	$(PY) stages/samples.py $(COMMON) $(call stage_args,SAMPLES,samples)  # sampling only: one process
+	$(PY) stages/samples.py $(COMMON) $(RUN_SAMPLES_ARGS)  # sampling only: one process
 
 label: $(R)/samples/metrics.json
 	$(PY) -m minigpt.label --run $(RUN) --runs-root $(RUNS_ROOT) $(ARGS)
 
+# With its own REWARD_DATA the reward model needs no ranked samples of the run.
 reward: $(R)/reward/metrics.json
-$(R)/reward/metrics.json: $(R)/samples/metrics.json $(R)/.settings/reward
-	$(LAUNCH) stages/reward.py $(COMMON) $(call stage_args,REWARD,reward)
+$(R)/reward/metrics.json: $(if $(RUN_REWARD_DATA),$(R)/sft/metrics.json,$(R)/samples/metrics.json) $(R)/.settings/reward
+	$(LAUNCH) stages/reward.py $(COMMON) $(call data_arg,--data,$(RUN_REWARD_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_REWARD_ARGS)
 
 ppo: $(R)/ppo/metrics.json
 $(R)/ppo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/ppo
-	$(LAUNCH) stages/ppo.py $(COMMON) $(call stage_args,PPO,ppo)
+	$(LAUNCH) stages/ppo.py $(COMMON) $(call data_arg,--data,$(RUN_PPO_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_PPO_ARGS)
 
 # ---- the alternatives to PPO: DPO on the ranked samples, GRPO with the reward model -------------
 dpo: $(R)/dpo/metrics.json
 $(R)/dpo/metrics.json: $(R)/samples/metrics.json $(R)/.settings/dpo
-	$(LAUNCH) stages/dpo.py $(COMMON) $(call stage_args,DPO,dpo)
+	$(LAUNCH) stages/dpo.py $(COMMON) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_DPO_ARGS)
 
 grpo: $(R)/grpo/metrics.json
 $(R)/grpo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/grpo
-	$(LAUNCH) stages/grpo.py $(COMMON) $(call stage_args,GRPO,grpo)
+	$(LAUNCH) stages/grpo.py $(COMMON) $(call data_arg,--data,$(RUN_PPO_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_GRPO_ARGS)
 
 alternatives: $(R)/ppo/metrics.json $(R)/dpo/metrics.json $(R)/grpo/metrics.json
 	@echo "minigpt: PPO, DPO and GRPO of runs/$(RUN) are done"
 
 compare: $(R)/compare/report.json
 $(R)/compare/report.json: $(R)/ppo/metrics.json $(R)/.settings/compare
-	$(PY) -m minigpt.compare --run $(RUN) --runs-root $(RUNS_ROOT) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) $(call stage_args,COMPARE,compare)
+	$(PY) -m minigpt.compare --run $(RUN) --runs-root $(RUNS_ROOT) --seed $(RUN_SEED) --preset $(RUN_PRESET) $(call data_arg,--sft-data,$(RUN_SFT_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_COMPARE_ARGS)
 
 all: compare
 	@echo "minigpt: every stage of runs/$(RUN) is done; the report is $(R)/compare/report.html"
 
 rlhf: $(R)/ppo/metrics.json
-	$(PY) -m minigpt.rounds --run $(RUN) --runs-root $(RUNS_ROOT) --rounds $(ROUNDS) --seed $(SEED) $(if $(PRESET),--preset $(PRESET)) --launch "$(LAUNCH)" $(ARGS)
+	$(PY) -m minigpt.rounds --run $(RUN) --runs-root $(RUNS_ROOT) --rounds $(ROUNDS) --seed $(RUN_SEED) --preset $(RUN_PRESET) --launch "$(LAUNCH)" $(ARGS)
 
 # ---- using the models --------------------------------------------------------------------------
 chat: | setup

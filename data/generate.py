@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minigpt.config import PRESET_NAMES, DataConfig, load_config  # noqa: E402
+from minigpt.run import lock_stage_folder, run_main  # noqa: E402
 from minigpt.world import generate_world  # noqa: E402
 
 
@@ -28,6 +29,7 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     config = load_config(DataConfig, args.preset, args.overrides)
+    lock_stage_folder(Path(args.out))  # one writer per folder, as for every stage
     start = time.perf_counter()
     stats = generate_world(args.out, config, args.seed)
     print(f"wrote the {args.preset} world (seed {args.seed}) to {args.out} in {time.perf_counter() - start:.1f}s")
@@ -35,4 +37,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -36,7 +36,8 @@ from minigpt.config import EvalConfig, default_preset, load_config
 from minigpt.data import load_dialogues
 from minigpt.evaluation import (add_reward_scores, best_of_n, calibration, eval_records, evaluate, headline,
                                 load_evaluation, load_reward_scorer, pair, pick_fewshot_examples, summarise)
-from minigpt.run import setup_logging, write_json_atomic, write_text_atomic
+from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
+from minigpt.run import run_main, setup_logging, write_json_atomic, write_text_atomic
 from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.compare")
@@ -152,11 +153,14 @@ def prompt_text(record: dict) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"])
 
 
-def collect(run_dir: Path, config: EvalConfig) -> dict:
+def collect(run_dir: Path, config: EvalConfig, eval_data=None, sft_data=None) -> dict:
     """The report: every stage through the shared evaluation, the pairs, best-of-n, calibration."""
     stages = find_stages(run_dir)
-    records = eval_records(run_dir / "data", config)
-    examples = pick_fewshot_examples(load_dialogues(run_dir / "data", "train"), FEWSHOT_EXAMPLES)
+    records = eval_records(eval_data or run_dir / "data", config)
+    judged = has_judge_records(records)
+    if not judged:
+        log.info("compare: %s", NO_JUDGE_NOTE)
+    examples = pick_fewshot_examples(load_dialogues(sft_data or run_dir / "data", "train"), FEWSHOT_EXAMPLES)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reference = None
     if is_finished(run_dir / "sft"):
@@ -171,6 +175,7 @@ def collect(run_dir: Path, config: EvalConfig) -> dict:
             add_reward_scores(evaluation, records, reward)
         evaluations[stage.name] = evaluation
     report = {"run": run_dir.name, "prompts": len(records), "eval_config": dataclasses.asdict(config),
+              "gold_note": None if judged else NO_JUDGE_NOTE,
               "stages": {}, "pairs": {}, "best_of_n": {}, "calibration": {}, "report_card": report_card(run_dir)}
     for stage in stages:
         summary = summarise(evaluations[stage.name])
@@ -183,7 +188,7 @@ def collect(run_dir: Path, config: EvalConfig) -> dict:
     for after, before in dict.fromkeys(c for c in comparisons if c[0] != c[1] and c[1] in evaluations):
         report["pairs"][f"{after}_vs_{before}"] = pair(evaluations[before], evaluations[after], before, after)
         log.info("%s", report["pairs"][f"{after}_vs_{before}"]["summary"])
-    if reward is not None and reference is not None:
+    if reward is not None and reference is not None and judged:
         report["best_of_n"] = saved_or_new_best_of_n(run_dir, reference, records, reward, config)
         report["calibration"] = calibration(evaluations)
     report["responses"] = [{"id": r.get("id", str(i)), "kind": r.get("kind"), "prompt": prompt_text(r),
@@ -309,6 +314,8 @@ RESPONSE_FIELDS = (("gold", "gold (greedy)"), ("gold_sampled", "gold (sampled me
 def render_markdown(report: dict) -> str:
     md_cell = lambda text: shown(text).replace("|", "\\|").replace("\n", " ")  # noqa: E731
     out = [f"# minigpt run `{report['run']}`: every stage on {report['prompts']} held-out prompts", "", HOW_TO_READ, ""]
+    if report.get("gold_note"):
+        out += [f"**{report['gold_note']}**", ""]
     for title, header, rows in tables(report):
         out += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                 *("| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows), ""]
@@ -346,7 +353,8 @@ def render_html(report: dict, images: list[tuple[str, bytes]]) -> str:
     out = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
            f"<title>minigpt compare: {e(report['run'])}</title><style>{CSS}</style></head><body>",
            f"<h1>Run {e(report['run'])}: every stage on {report['prompts']} held-out prompts</h1>",
-           f"<p>{e(HOW_TO_READ)}</p>"]
+           f"<p>{e(HOW_TO_READ)}</p>"] + ([f"<p class=warn><b>{e(report['gold_note'])}</b></p>"]
+                                            if report.get("gold_note") else [])
     for title, header, rows in tables(report):
         out += [f"<h2>{e(title)}</h2><table><tr>" + cells(header, "th") + "</tr>",
                 *("<tr>" + cells(r) + "</tr>" for r in rows), "</table>"]
@@ -404,6 +412,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="accepted for the Makefile (the evaluation's seeds are fixed)")
     parser.add_argument("--prompts", type=int, default=None, help="first N held-out prompts (default: the preset's)")
     parser.add_argument("--preset", default=None, help="the run's preset: the evaluation's size (default cpu/gpu)")
+    parser.add_argument("--eval-data", default=None, help="held-out prompts (default: the run's world)")
+    parser.add_argument("--sft-data", default=None, help="dialogues for the base model's few-shot prompt")
     parser.add_argument("overrides", nargs="*", help="EvalConfig fields as key=value, e.g. prompts=50")
     args = parser.parse_args(argv)
     config = load_config(EvalConfig, args.preset or default_preset())
@@ -411,7 +421,7 @@ def main(argv=None):
     run_dir = Path(args.runs_root) / args.run
     out_dir = run_dir / "compare"
     setup_logging(out_dir)
-    report = collect(run_dir, config)
+    report = collect(run_dir, config, args.eval_data, args.sft_data)
     write_text_atomic(out_dir / "report.md", render_markdown(report))
     write_text_atomic(out_dir / "report.html", render_html(report, curve_images(run_dir)))
     write_json_atomic(out_dir / "report.json", report)  # last: Make's target
@@ -420,4 +430,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field, fields
 PRESET_NAMES = ("tiny", "cpu", "gpu")
 
 
+class ConfigError(ValueError):
+    """A bad preset name or `key=value` override: the message names it and what was expected."""
+
+
 def default_preset() -> str:
     """`gpu` when CUDA is available, otherwise `cpu`."""
     import torch
@@ -296,7 +300,7 @@ class GRPOConfig:
 def load_config(cls, preset: str = "cpu", overrides: typing.Iterable[str] = ()):
     """The config of `cls` for a preset, with `key=value` overrides applied (typed)."""
     if preset not in PRESET_NAMES:
-        raise ValueError(f"unknown preset {preset!r}: expected one of {', '.join(PRESET_NAMES)}")
+        raise ConfigError(f"unknown preset {preset!r}: expected one of {', '.join(PRESET_NAMES)}")
     config = cls(**cls.PRESETS.get(preset, {}))
     return apply_overrides(config, overrides)
 
@@ -308,11 +312,11 @@ def apply_overrides(config, overrides: typing.Iterable[str]):
     changes = {}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value")
+            raise ConfigError(f"override {item!r}: expected key=value")
         key, value = item.split("=", 1)
         key = key.strip()
         if key not in names:
-            raise ValueError(f"override {item!r}: {type(config).__name__} has no field {key!r}; "
+            raise ConfigError(f"override {item!r}: {type(config).__name__} has no field {key!r}; "
                              f"fields are: {', '.join(names)}")
         changes[key] = _parse(value.strip(), types[key], item)
     return dataclasses.replace(config, **changes)
@@ -328,7 +332,7 @@ def _parse(value: str, kind, item: str):
             raise ValueError
         return kind(value)
     except ValueError:
-        raise ValueError(f"override {item!r}: expected a {kind.__name__}") from None
+        raise ConfigError(f"override {item!r}: expected a {kind.__name__}") from None
 
 
 def split_overrides(args: typing.Iterable[str], config_classes) -> list[list[str]]:
@@ -346,7 +350,7 @@ def split_overrides(args: typing.Iterable[str], config_classes) -> list[list[str
                 break
         else:
             names = ", ".join(c.__name__ for c in config_classes)
-            raise ValueError(f"override {item!r}: no field {key!r} in {names}")
+            raise ConfigError(f"override {item!r}: no field {key!r} in {names}")
     return routed
 
 
@@ -356,6 +360,6 @@ def to_dict(config) -> dict:
 
 __all__ = [
     "DataConfig", "TokenizerConfig", "PretrainConfig", "SFTConfig", "SamplesConfig",
-    "RewardConfig", "PPOConfig", "EvalConfig", "DPOConfig", "GRPOConfig", "load_config", "apply_overrides", "split_overrides",
-    "default_preset", "to_dict", "PRESET_NAMES", "field",
+    "RewardConfig", "PPOConfig", "EvalConfig", "DPOConfig", "GRPOConfig", "load_config", "apply_overrides",
+    "split_overrides", "default_preset", "to_dict", "PRESET_NAMES", "ConfigError", "field",
 ]

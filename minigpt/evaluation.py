@@ -32,7 +32,7 @@ import torch
 
 from minigpt.config import EvalConfig, to_dict
 from minigpt.data import load_prompts
-from minigpt.judge import score
+from minigpt.judge import NO_JUDGE_NOTE, has_judge_records, score
 from minigpt.ppo import repetition_rate, sequence_kl
 from minigpt.reward_model import score_conversations
 from minigpt.sampling import SamplingConfig, generate_in_batches
@@ -141,8 +141,9 @@ def load_reward_scorer(folder: Path, device=None) -> RewardScorer | None:
 
 # ---- evaluate --------------------------------------------------------------------------------------
 
-def _judged(record, text: str, finished: bool, tokenizer) -> dict:
-    judged = score(record, text, finished)
+def _judged(record, text: str, finished: bool, tokenizer, judged: bool = True) -> dict:
+    """One answer with its gold score and components (None without judge records)."""
+    judged = score(record, text, finished) if judged else {"score": None, **{k: None for k in COMPONENTS}}
     ids = tokenizer.encode(text)
     return {"text": text, "finished": bool(finished), "gold": judged.pop("score"), "rm": None, "length": len(ids),
             "repetition": repetition_rate(ids), **judged}
@@ -181,19 +182,21 @@ def evaluate(model, tokenizer, records, config: EvalConfig, *, name: str = "", f
         kl = sequence_kl(model, reference, prompts, responses, tokenizer.pad_id)
     model.train(was_training)
 
+    judge = has_judge_records(records)
     entries = []
     for i, record in enumerate(records):
         entry = {"id": record.get("id", str(i)), "kind": record.get("kind"),
-                 "greedy": _judged(record, greedy.responses[i], greedy.finished[i], tokenizer),
-                 "sampled": [_judged(record, sampled.responses[j], sampled.finished[j], tokenizer)
+                 "greedy": _judged(record, greedy.responses[i], greedy.finished[i], tokenizer, judge),
+                 "sampled": [_judged(record, sampled.responses[j], sampled.finished[j], tokenizer, judge)
                              for j in range(i * config.samples, (i + 1) * config.samples)],
                  "policy": [], "kl": None}
         if policy is not None:
             span = range(i * n_policy, (i + 1) * n_policy)
-            entry["policy"] = [_judged(record, policy.responses[j], policy.finished[j], tokenizer) for j in span]
+            entry["policy"] = [_judged(record, policy.responses[j], policy.finished[j], tokenizer, judge) for j in span]
             entry["kl"] = statistics.fmean(kl[j] for j in span) if kl is not None else None
         entries.append(entry)
-    evaluation = {"name": name, "config": to_dict(config), "chat": fewshot is None, "prompts": entries}
+    evaluation = {"name": name, "config": to_dict(config), "chat": fewshot is None, "judged": judge,
+                  "prompts": entries}
     if reward is not None:
         add_reward_scores(evaluation, records, reward)
     evaluation["seconds"] = round(time.time() - started, 2)
@@ -275,7 +278,10 @@ def summarise(evaluation: dict) -> dict:
     out["end_rate"] = statistics.fmean(a["finished"] for a in sampled)
     first = [e["sampled"][0]["text"] for e in evaluation["prompts"]]
     out["distinct"] = len(set(first)) / max(1, len(first))
-    out["components"] = {k: statistics.fmean(a[k] for a in sampled) for k in COMPONENTS}
+    out["components"] = {k: statistics.fmean(a[k] for a in sampled) if sampled[0][k] is not None else None
+                         for k in COMPONENTS}
+    if not evaluation.get("judged", True):
+        out["gold"] = NO_JUDGE_NOTE
     kinds = sorted({e["kind"] for e in evaluation["prompts"] if e["kind"] is not None})
     out["by_kind"] = {}
     for kind in kinds:
@@ -292,6 +298,10 @@ def pair(before: dict, after: dict, before_name: str = "before", after_name: str
     if [e["id"] for e in before["prompts"]] != [e["id"] for e in after["prompts"]]:
         raise ValueError(f"{after_name} vs {before_name}: the evaluations answered different prompts")
     out = {"prompts": len(before["prompts"])}
+    if not (before.get("judged", True) and after.get("judged", True)):
+        return {**out, **{k: None for k in ("gain_sampled", "gain_sampled_ci", "gain_greedy", "gain_greedy_ci",
+                                             "win_rate", "win_rate_ci", "win_rate_greedy", "win_rate_greedy_ci")},
+                "summary": f"{after_name} vs {before_name}: {NO_JUDGE_NOTE}"}
     for decoding in ("sampled", "greedy"):
         a, b = per_prompt(before, "gold", decoding), per_prompt(after, "gold", decoding)
         out[f"gain_{decoding}"], out[f"gain_{decoding}_ci"] = paired_gain(a, b)
@@ -335,7 +345,7 @@ def calibration(evaluations: dict[str, dict]) -> dict:
     """Spearman between reward-model score and gold over all answers, overall and per evaluation."""
     out, every_rm, every_gold = {}, [], []
     for name, evaluation in evaluations.items():
-        pairs = [(a["rm"], a["gold"]) for _, a in answers_of(evaluation) if a["rm"] is not None]
+        pairs = [(a["rm"], a["gold"]) for _, a in answers_of(evaluation) if a["rm"] is not None and a["gold"] is not None]
         out[name] = spearman([p[0] for p in pairs], [p[1] for p in pairs]) if pairs else None
         every_rm += [p[0] for p in pairs]
         every_gold += [p[1] for p in pairs]
@@ -399,14 +409,16 @@ def log_examples(records, columns: dict[str, dict], n: int = 5) -> None:
         log.info("prompt: %s", record["messages"][-1]["content"].replace("\n", " ")[:200])
         for name, evaluation in columns.items():
             answer = evaluation["prompts"][i]["greedy"]
-            log.info("  %-5s [%.2f] %s", name, answer["gold"], answer["text"][:200])
+            gold = "  -  " if answer["gold"] is None else f"{answer['gold']:.2f}"
+            log.info("  %-5s [%s] %s", name, gold, answer["text"][:200])
 
 
 def headline(summary: dict) -> str:
     """One log line of a summary."""
     ci = lambda key: f"[{summary[key][0]:.3f}, {summary[key][1]:.3f}]" if summary.get(key) else ""  # noqa: E731
     parts = [f"gold sampled {summary['gold_sampled']:.3f} {ci('gold_sampled_ci')}",
-             f"greedy {summary['gold_greedy']:.3f} {ci('gold_greedy_ci')}"]
+             f"greedy {summary['gold_greedy']:.3f} {ci('gold_greedy_ci')}"] if summary.get("gold_sampled") is not None \
+        else ["no gold (no judge records)"]
     if summary.get("rm_sampled") is not None:
         parts.append(f"RM {summary['rm_sampled']:+.3f}")
     if summary.get("kl") is not None:

@@ -229,6 +229,16 @@ def _repeated_share(tokens: list[str]) -> float:
 
 # -- the score --------------------------------------------------------------------------------------
 
+NO_JUDGE_NOTE = ("no gold figures: these prompts carry no judge records (an expected answer to check); "
+                 "gold figures need judge records, as the generated world's prompts have")
+
+
+def has_judge_records(records) -> bool:
+    """Whether the gold judge can score answers to these prompts: each must say what the answer is."""
+    records = list(records)
+    return bool(records) and all(isinstance(r, dict) and r.get("answer") is not None for r in records)
+
+
 def score(record: dict, response: str, finished: bool = True) -> dict:
     """The gold judge's score of `response` to the prompt `record`, with its components."""
     if not response or not response.strip():

@@ -220,4 +220,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from minigpt.run import run_main
+
+    sys.exit(run_main(main))

@@ -16,7 +16,6 @@ registered with the Auto classes): `AutoModelForCausalLM.from_pretrained(dir)` w
 from __future__ import annotations
 
 import math
-from types import MappingProxyType
 
 import torch
 import torch.nn as nn
@@ -32,11 +31,6 @@ from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutp
 
 class MiniGPTConfig(PretrainedConfig):
     model_type = "minigpt"
-    # Our classes are registered with the Auto classes, not shipped as Hub remote code, so there is no
-    # `auto_map`; TRL (GRPOTrainer's reference model, `create_model_from_path`) reads it anyway for any
-    # architecture that transformers does not define. An empty, read-only class attribute answers
-    # "no remote code" to both TRL and transformers and is never written to config.json.
-    auto_map = MappingProxyType({})
     # The standard names, so libraries that look for `hidden_size` & co. find ours.
     attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
                      "num_attention_heads": "n_head", "max_position_embeddings": "block_size"}
@@ -160,16 +154,14 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, inputs_embeds=None, cache=None, **kwargs):
-        # Transformers 5 `generate` hands the cache over as `cache`; our own sampler as `past_key_values`.
-        past_key_values = cache if past_key_values is None else past_key_values
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                use_cache=None, inputs_embeds=None, **kwargs):
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T = x.shape[:2]
-        if use_cache and past_key_values is None:
+        if use_cache and cache is None:
             from transformers import DynamicCache
-            past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, T, x.device)
         mask = attention_mask_4d(attention_mask, position_ids, past, T)
@@ -177,9 +169,9 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, cos, sin, mask, past_key_values)
+            x = block(x, cos, sin, mask, cache)
         return BaseModelOutputWithPast(last_hidden_state=self.norm_f(x),
-                                       past_key_values=past_key_values if use_cache else None)
+                                       cache=cache if use_cache else None)
 
 
 def positions_from_mask(attention_mask, past: int, T: int, device):
@@ -236,10 +228,10 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 use_cache=None, inputs_embeds=None, labels=None, logits_to_keep=0,
-                num_items_in_batch=None, cache=None, **kwargs):
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds, cache)
+                num_items_in_batch=None, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, cache, use_cache, inputs_embeds)
         hidden = out.last_hidden_state
         if logits_to_keep:  # generation only needs the last position's logits
             hidden = hidden[:, -logits_to_keep:]
@@ -247,7 +239,7 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = shifted_cross_entropy(logits, labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
 
 def shifted_cross_entropy(logits, labels, num_items_in_batch=None):
@@ -277,9 +269,9 @@ class MiniGPTForSequenceClassification(MiniGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.model.wte = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=None, inputs_embeds=None, labels=None, cache=None, **kwargs):
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds, cache)
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                use_cache=None, inputs_embeds=None, labels=None, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, cache, use_cache, inputs_embeds)
         scores = self.score(out.last_hidden_state)  # (B, T, num_labels)
         B, T = scores.shape[:2]
         if attention_mask is not None:  # last real token, for left or right padding alike
@@ -294,7 +286,7 @@ class MiniGPTForSequenceClassification(MiniGPTPreTrainedModel):
         if labels is not None:
             loss = F.mse_loss(logits.squeeze(-1), labels.float()) if self.num_labels == 1 \
                 else F.cross_entropy(logits, labels)
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
 
 AutoConfig.register("minigpt", MiniGPTConfig)

@@ -350,6 +350,13 @@ def health_verdict(before: dict, after: dict, gains: dict, kl_budget: float, his
           f"no collapse: {after['distinct']:.0%} of answers to different prompts are distinct "
           f"(before {before['distinct']:.0%})",
           f"the policy collapsed: only {after['distinct']:.0%} of answers are distinct (before {before['distinct']:.0%})")
+    if gains.get("gain_sampled") is None:  # prompts without judge records: no gold figures at all
+        from minigpt.judge import NO_JUDGE_NOTE
+
+        lines.append(f"note  {NO_JUDGE_NOTE}: whether the reward rise is real, read the answers")
+        lines.insert(0, "VERDICT: healthy (reward-model figures only)" if healthy
+                     else "VERDICT: needs attention — see the warnings below")
+        return healthy, lines
     sampled = significance(gains["gain_sampled"], gains["gain_sampled_ci"])
     greedy = significance(gains["gain_greedy"], gains["gain_greedy_ci"])
     ci = lambda key: f"95% CI {gains[key][0]:+.3f} to {gains[key][1]:+.3f}"  # noqa: E731

@@ -223,7 +223,7 @@ def evaluate_against_sft(model, sft, sft_dir: Path, tokenizer, data_dir: Path, p
     from minigpt.config import EvalConfig, load_config
 
     config = load_config(EvalConfig, preset)
-    records = eval_records(data_dir, config)
+    records = eval_records(data_dir, config)  # the run's world, or the stage's --eval-data
     device = next(model.parameters()).device
     sft.to(device)
     scorer = None

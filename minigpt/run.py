@@ -8,11 +8,14 @@ last: its presence means the stage finished), PNG plots and `train.log`.
 from __future__ import annotations
 
 import argparse
+import atexit
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,6 +34,7 @@ class StageArgs:
     preset: str = "cpu"
     seed: int = 0
     data: str = ""  # a data source other than the run's generated world
+    eval_data: str = ""  # held-out evaluation prompts other than the world's
     overrides: list[str] = field(default_factory=list)
     runs_root: str = "runs"
     out: str = ""  # another output folder (e.g. an RLHF round's)
@@ -54,15 +58,23 @@ def parse_stage_args(stage: str, argv=None, extra=None) -> StageArgs:
     parser.add_argument("--preset", default=os.environ.get("PRESET") or None, choices=PRESET_NAMES)
     parser.add_argument("--seed", type=int, default=int(os.environ.get("SEED", 0)))
     parser.add_argument("--data", default=os.environ.get("DATA", ""))
+    parser.add_argument("--eval-data", default=os.environ.get("EVAL_DATA", ""),
+                        help="held-out evaluation prompts (default: the world's)")
     parser.add_argument("--runs-root", default=os.environ.get("RUNS_ROOT", "runs"))
     parser.add_argument("--out", default="", help="output folder (default runs/<RUN>/<stage>)")
     if extra:
         extra(parser)
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the stage's config")
     ns = parser.parse_args(argv)
-    args = StageArgs(stage=stage, run=ns.run, preset=ns.preset or default_preset(), seed=ns.seed,
-                     data=ns.data, overrides=list(ns.overrides), runs_root=ns.runs_root, out=ns.out)
+    from minigpt.settings import read_settings
+
+    run_dir = Path(ns.runs_root) / ns.run
+    preset = ns.preset or read_settings(run_dir).get("preset") or default_preset()  # the run's own first
+    args = StageArgs(stage=stage, run=ns.run, preset=preset, seed=ns.seed, data=ns.data, eval_data=ns.eval_data,
+                     overrides=list(ns.overrides), runs_root=ns.runs_root, out=ns.out)
     args.namespace = ns
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per launch: the main process holds it
+        lock_stage_folder(args.out_dir)
     return args
 
 
@@ -179,8 +191,9 @@ def fingerprint_files(paths) -> str:
     """A short content hash of some files (the data a stage trained on)."""
     digest = hashlib.sha256()
     for path in sorted(Path(p) for p in paths):
-        if path.is_dir():
-            digest.update(fingerprint_files(p for p in path.rglob("*") if p.is_file()).encode())
+        if path.is_dir():  # dot files are bookkeeping (a lock, a temporary file), not data
+            digest.update(fingerprint_files(p for p in path.rglob("*") if p.is_file()
+                                            and not p.name.startswith(".")).encode())
         elif path.exists():
             digest.update(path.name.encode())
             with open(path, "rb") as f:
@@ -191,6 +204,61 @@ def fingerprint_files(paths) -> str:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ---- one writer per stage folder -----------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+_held_locks: dict[str, int] = {}  # folder -> open descriptor, kept for the life of the process
+
+
+class StageBusyError(RuntimeError):
+    """Another live process is writing the same stage folder."""
+
+
+def lock_stage_folder(folder: Path) -> None:
+    """Take the exclusive lock of a stage folder before touching it, or stop at once if it is taken.
+
+    An flock on `<folder>/.lock`, held until the process ends: the kernel releases it whatever the end
+    (a crash, kill -9), so a lock left by a dead process is simply taken over. The file says who holds
+    it (pid, host, start time, command) for the message the next process prints.
+    """
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held_locks:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _lock_holder(path)
+        os.close(fd)
+        who = (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')} "
+               f"({holder.get('command', '?')})") if holder else "another process"
+        raise StageBusyError(f"{folder} is being written by {who}. Wait for it to finish, or run this "
+                             f"elsewhere with another RUN= (or --out).") from None
+    previous = _lock_holder(path)
+    if previous and previous.get("pid") != os.getpid():
+        log.warning("%s: taking over the lock left by pid %s on %s (started %s), which is no longer running",
+                    folder, previous.get("pid"), previous.get("host"), previous.get("started"))
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": now(),
+              "command": " ".join(sys.argv)[:300]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    _held_locks[key] = fd
+    # A normal end empties the file (the lock itself goes with the process); after a kill -9 the
+    # holder's details stay, and the next run says whose lock it took over.
+    atexit.register(os.ftruncate, fd, 0)
+
+
+def _lock_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(Path(path).read_text() or "{}")
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def require_stage(args: StageArgs, name: str, target: str | None = None) -> Path:
@@ -239,3 +307,37 @@ INTERRUPTED_EXIT_CODE = 130
 def exit_interrupted(out_dir: Path) -> None:
     log.warning("stopped; resume with the same command (state in %s)", out_dir)
     sys.exit(INTERRUPTED_EXIT_CODE)
+
+
+# ---- user errors read like help ------------------------------------------------------------------
+
+USER_ERROR_EXIT_CODE = 2
+
+
+def user_error_types() -> tuple:
+    """Errors that are the input's fault, not the code's: shown as their message alone."""
+    from minigpt.checkpoint import CheckpointError
+    from minigpt.config import ConfigError
+    from minigpt.data import DataError
+    from minigpt.settings import SettingsError
+
+    return DataError, CheckpointError, ConfigError, SettingsError, StageBusyError
+
+
+def run_main(main, *args):
+    """Run a command's `main`: a user error (bad data, override, preset, a missing or damaged checkpoint,
+    a busy folder) prints one or two lines and exits 2; a bug keeps its traceback. MINIGPT_DEBUG=1
+    shows the traceback of everything."""
+    debug = os.environ.get("MINIGPT_DEBUG", "") not in ("", "0")
+    try:
+        return main(*args)
+    except SystemExit as stop:  # `raise SystemExit("error: ...")` in the stages: a message for people
+        if debug or not isinstance(stop.code, str):
+            raise
+        print(stop.code if stop.code.startswith("error") else f"error: {stop.code}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    except Exception as error:
+        if debug or not isinstance(error, user_error_types()):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT_CODE)

@@ -96,4 +96,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from minigpt.run import run_main
+
+    run_main(main)

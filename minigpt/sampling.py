@@ -91,7 +91,7 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
     step_input = ids
     for _ in range(config.max_new_tokens):
         logits = model(input_ids=step_input, attention_mask=mask if padded else None,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
         if config.temperature <= 0:
             token = logits.argmax(-1)
         else:

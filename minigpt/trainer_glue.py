@@ -28,6 +28,9 @@ from minigpt.run import GracefulInterrupt, MetricsLog
 log = logging.getLogger(__name__)
 
 TRAINER_DIR = "trainer"
+# The files of a Trainer checkpoint whose checksums prove it whole (per-process RNG files are left out:
+# other processes may still be writing theirs when the main one records these).
+CHECKED_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth")
 
 
 class StageCallback(TrainerCallback):
@@ -40,6 +43,12 @@ class StageCallback(TrainerCallback):
         if logs and state.is_world_process_zero:
             values = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
             self.metrics.log(**{"step": state.global_step, "epoch": round(state.epoch or 0, 4), **values})
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from minigpt.checkpoint import write_checksums
+
+            write_checksums(Path(args.output_dir) / f"checkpoint-{state.global_step}", CHECKED_FILES)
 
     def on_step_end(self, args, state, control, **kwargs):
         # Decided for all processes at once (the slowest clock, any Ctrl-C): all stop at the same step.
@@ -54,13 +63,24 @@ class StageCallback(TrainerCallback):
 
 
 def latest_checkpoint(out_dir: Path) -> str | None:
-    """The newest `checkpoint-N` folder of an interrupted Trainer run, or None."""
+    """The newest whole `checkpoint-N` folder of an interrupted Trainer run, or None.
+
+    One whose checksums do not match (a kill -9 mid-save, a damaged disk) is set aside with a warning.
+    Called by every process: only the main one checks and moves folders, the others wait for it.
+    """
+    from minigpt.checkpoint import checksum_damage, set_aside
+
     folder = Path(out_dir) / TRAINER_DIR
     if not folder.exists():
         return None
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").exists()]
-    return str(max(found)[1]) if found else None
+    found = sorted(((int(m.group(1)), p) for p in folder.iterdir()
+                    if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    for _, path in found:
+        damage = checksum_damage(path) if is_main_process() else ""
+        if not damage:
+            return str(path)
+        set_aside(path, damage)
+    return None
 
 
 def clear_trainer_checkpoints(out_dir: Path) -> None:

@@ -19,7 +19,8 @@ from minigpt.config import DPOConfig
 from minigpt.data import DataError, load_rankings
 from minigpt.preference import RewardModelReward, dpo_trainer, evaluate_against_sft, pair_margins, preference_rows
 from minigpt.ranking import split_by_prompt
-from minigpt.run import GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, write_json_atomic
+from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
+                         write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, is_main_process, latest_checkpoint,
                                   run_trainer)
@@ -71,8 +72,8 @@ def main():
              "steps": trainer.state.global_step}
     reward_dir = args.stage_dir("reward")
     reward = RewardModelReward.load(reward_dir, tokenizer) if (reward_dir / "metrics.json").exists() else None
-    comparison, evaluation = evaluate_against_sft(model, sft, parent, tokenizer, args.run_dir / "data", args.preset,
-                                                  reward, "dpo")
+    eval_source = args.eval_data or args.run_dir / "data"
+    comparison, evaluation = evaluate_against_sft(model, sft, parent, tokenizer, eval_source, args.preset, reward, "dpo")
     final.update(comparison)
 
     manifest = make_manifest("dpo", config, args, parent=parent, data_files=[source], metrics=final,
@@ -88,4 +89,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

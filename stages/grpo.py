@@ -16,7 +16,8 @@ from minigpt.checkpoint import load_causal_lm, make_manifest, save_model
 from minigpt.config import GRPOConfig
 from minigpt.data import DataError, load_prompts
 from minigpt.preference import RewardModelReward, evaluate_against_sft, grpo_trainer
-from minigpt.run import GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, write_json_atomic
+from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
+                         write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, is_main_process, latest_checkpoint,
                                   run_trainer)
@@ -56,8 +57,8 @@ def main():
 
     # --- what the stage did: SFT vs GRPO on the held-out evaluation prompts -----------------------------
     sft = load_causal_lm(parent).to(model.device).eval()
-    comparison, evaluation = evaluate_against_sft(model, sft, parent, tokenizer, args.run_dir / "data", args.preset,
-                                                  reward, "grpo")
+    eval_source = args.eval_data or args.run_dir / "data"
+    comparison, evaluation = evaluate_against_sft(model, sft, parent, tokenizer, eval_source, args.preset, reward, "grpo")
     rounds = [r for r in metrics.read() if "reward" in r]
     final = {**comparison,
              "train_reward_first": rounds[0]["reward"] if rounds else None,
@@ -78,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

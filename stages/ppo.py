@@ -25,7 +25,8 @@ from minigpt.evaluation import (RewardScorer, add_reward_scores, before_after_me
                                 log_examples, pair, plot_overoptimisation, summarise)
 from minigpt.ppo import (AdaptiveKLController, TokenValueModel, assign_rewards, health_verdict, make_rollout,
                          ppo_update, rollout_stats)
-from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves,
+from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
+from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves, run_main,
                          require_stage, setup_logging, write_json_atomic, write_text_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import agree_max, check_replicas_agree, require_data_parallel
@@ -101,7 +102,9 @@ def main():
     data = args.data or args.run_dir / "data"
     prompts = load_prompts(data, "ppo")
     eval_config = load_config(EvalConfig, args.preset)
-    eval_prompts = eval_records(args.run_dir / "data", eval_config)
+    eval_prompts = eval_records(args.eval_data or args.run_dir / "data", eval_config)
+    if not has_judge_records(eval_prompts):
+        log.info("ppo: %s; the verdict rests on the reward model, KL and the answers' profile", NO_JUDGE_NOTE)
     if config.prompts_per_step % world or config.minibatch_size % world:
         raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} and minibatch_size={config.minibatch_size} "
                          f"count rollouts over all processes and must both be divisible by {world} processes")
@@ -218,4 +221,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

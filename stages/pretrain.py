@@ -20,7 +20,7 @@ from minigpt.checkpoint import (clear_resume_state, load_resume_state, make_mani
 from minigpt.config import PretrainConfig, load_config, to_dict
 from minigpt.data import load_texts
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM
-from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, fingerprint_files,
+from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, fingerprint_files, run_main,
                          parse_stage_args, plot_curves, require_stage, setup_logging,
                          write_json_atomic)
 from minigpt.sampling import SamplingConfig, generate
@@ -207,4 +207,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

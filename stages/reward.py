@@ -19,9 +19,10 @@ from minigpt.checkpoint import load_causal_lm, load_sequence_classifier, make_ma
 from minigpt.config import EvalConfig, RewardConfig, load_config
 from minigpt.data import DataError, load_rankings
 from minigpt.evaluation import RewardScorer, best_of_n, eval_records
+from minigpt.judge import has_judge_records
 from minigpt.ranking import ranking_metrics, ranking_pairs, split_by_prompt
 from minigpt.reward_model import RankingCollator, RankingRewardTrainer, encode_rankings, score_conversations
-from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage,
+from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
@@ -113,11 +114,12 @@ def main():
     # --- does the reward model carry signal? Best-of-n from SFT on the held-out eval prompts --------
     # Gold of the answer it picks among n SFT samples vs a single sample's gold: if reranking does not
     # beat SFT, PPO against this reward model cannot either (Gao et al. 2022).
-    if not args.data:
-        eval_config = load_config(EvalConfig, args.preset)
+    eval_config = load_config(EvalConfig, args.preset)
+    eval_source = args.eval_data or args.run_dir / "data"
+    eval_prompts = eval_records(eval_source, eval_config) if args.eval_data or eval_source.is_dir() else []
+    if has_judge_records(eval_prompts):
         scorer = RewardScorer(model, tokenizer, final["reward_mean"], final["reward_std"])
-        best = best_of_n(load_causal_lm(parent).eval(), tokenizer, eval_records(args.run_dir / "data", eval_config),
-                         scorer, eval_config)
+        best = best_of_n(load_causal_lm(parent).eval(), tokenizer, eval_prompts, scorer, eval_config)
         write_json_atomic(out / "best_of_n.json", best)
         for n in eval_config.best_of_n_values:
             row = best[str(n)]
@@ -138,4 +140,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

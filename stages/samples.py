@@ -19,7 +19,7 @@ from minigpt.config import SamplesConfig
 from minigpt.data import load_prompts
 from minigpt.judge import score
 from minigpt.ranking import ranks_from_scores
-from minigpt.run import begin_stage, require_stage, write_json_atomic, write_text_atomic
+from minigpt.run import begin_stage, require_stage, run_main, write_json_atomic, write_text_atomic
 from minigpt.sampling import SamplingConfig, generate_in_batches
 from minigpt.tokenizer import Tokenizer
 
@@ -79,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -3,7 +3,9 @@
     python stages/sft.py --run default --preset cpu [lora=true lr=5e-4 ...]
 
 Reads runs/<RUN>/pretrain and the run's SFT dialogues (or --data: messages, ShareGPT, Alpaca,
-OpenAssistant trees, HH transcripts); writes runs/<RUN>/sft/. TRL's SFTTrainer renders each dialogue
+OpenAssistant trees, HH transcripts); writes runs/<RUN>/sft/. The base and SFT models answer the
+held-out prompts (the world's, or --eval-data); the gold judge scores them where the prompts carry
+judge records. TRL's SFTTrainer renders each dialogue
 with the tokenizer's chat template and puts the loss on the assistant's turns only. With LoRA the
 adapter is merged at the end, so every later stage sees one plain model.
 """
@@ -19,7 +21,8 @@ from minigpt.config import EvalConfig, SFTConfig, load_config
 from minigpt.data import load_dialogues
 from minigpt.evaluation import (eval_records, evaluate, headline, log_examples, pair, pick_fewshot_examples,
                                 summarise)
-from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage,
+from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
+from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
@@ -79,31 +82,38 @@ def main():
 
     # --- what the stage did: base (few-shot) vs SFT on held-out prompts, scored by the gold judge -----
     final = {"val_loss": val_loss}
-    if args.data:
-        log.info("custom --data: skipping the gold-judge evaluation (it needs the generated world's prompts)")
+    # The shared evaluation (same prompts and seeds as PPO and compare); saved for them to reuse.
+    eval_config = load_config(EvalConfig, args.preset)
+    eval_source = args.eval_data or world
+    prompts = eval_records(eval_source, eval_config) if args.eval_data or world.is_dir() else []
+    if not prompts:
+        log.info("sft: no held-out prompts (no world data and no --eval-data): val_loss only")
     else:
-        # The shared evaluation (same prompts and seeds as PPO and compare); saved for them to reuse.
-        eval_config = load_config(EvalConfig, args.preset)
-        prompts = eval_records(world, eval_config)
         sft_eval = evaluate(model, tokenizer, prompts, eval_config, name="sft", is_reference=True)
         base = load_causal_lm(parent).eval()
         examples = pick_fewshot_examples(train_dialogues, config.fewshot)
         base_eval = evaluate(base, tokenizer, prompts, eval_config, name="base", fewshot=examples)
         write_json_atomic(out / "evaluation.json", sft_eval)
         write_json_atomic(out / "evaluation_base.json", base_eval)
-        sft_summary, base_summary, gain = summarise(sft_eval), summarise(base_eval), pair(base_eval, sft_eval, "base", "sft")
-        final.update({k: sft_summary[k] for k in ("gold_sampled", "gold_sampled_ci", "gold_greedy", "gold_greedy_ci")})
-        final.update({f"{k}_base": base_summary[k] for k in ("gold_sampled", "gold_sampled_ci", "gold_greedy",
-                                                               "gold_greedy_ci")})
-        final.update({k: gain[k] for k in ("gain_sampled", "gain_sampled_ci", "gain_greedy", "gain_greedy_ci",
-                                           "win_rate", "win_rate_ci")})
-        final.update({f"gold_{k}": v for k, v in sft_summary["components"].items()})
-        final["gold_score"], final["gold_score_base"] = sft_summary["gold_sampled"], base_summary["gold_sampled"]
-        final["eval_prompts"] = len(prompts)
         log_examples(prompts, {"base": base_eval, "sft": sft_eval})
-        log.info("base (few-shot): %s", headline(base_summary))
-        log.info("sft: %s", headline(sft_summary))
-        log.info("%s", gain["summary"])
+        final["eval_prompts"] = len(prompts)
+        if has_judge_records(prompts):
+            sft_summary, base_summary = summarise(sft_eval), summarise(base_eval)
+            gain = pair(base_eval, sft_eval, "base", "sft")
+            final.update({k: sft_summary[k] for k in ("gold_sampled", "gold_sampled_ci", "gold_greedy",
+                                                      "gold_greedy_ci")})
+            final.update({f"{k}_base": base_summary[k] for k in ("gold_sampled", "gold_sampled_ci", "gold_greedy",
+                                                                   "gold_greedy_ci")})
+            final.update({k: gain[k] for k in ("gain_sampled", "gain_sampled_ci", "gain_greedy", "gain_greedy_ci",
+                                               "win_rate", "win_rate_ci")})
+            final.update({f"gold_{k}": v for k, v in sft_summary["components"].items()})
+            final["gold_score"], final["gold_score_base"] = sft_summary["gold_sampled"], base_summary["gold_sampled"]
+            log.info("base (few-shot): %s", headline(base_summary))
+            log.info("sft: %s", headline(sft_summary))
+            log.info("%s", gain["summary"])
+        else:
+            final["gold"] = NO_JUDGE_NOTE
+            log.info("sft: %s (%s)", NO_JUDGE_NOTE, eval_source)
 
     manifest = make_manifest("sft", config, args, parent=parent, data_files=[source], metrics=final)
     save_model(model, out, parent, manifest)
@@ -114,4 +124,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -7,7 +7,7 @@ import logging
 
 from minigpt.config import TokenizerConfig
 from minigpt.data import load_texts
-from minigpt.run import begin_stage, write_json_atomic
+from minigpt.run import begin_stage, run_main, write_json_atomic
 from minigpt.tokenizer import train_tokenizer
 
 log = logging.getLogger("minigpt.tokenizer")
@@ -38,4 +38,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -144,6 +144,10 @@ def test_one_shot_prompt_prints_an_answer(tiny_sft):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+    # Library warnings the user can do nothing about (e.g. deprecated cache argument names) stay out.
+    warnings = [line for line in (result.stdout + result.stderr).splitlines()
+                if "warn" in line.lower() or "deprecat" in line.lower()]
+    assert not warnings, warnings
 
 
 def test_piped_stdin_answers_every_line_and_keeps_notices_off_stdout(tiny_sft, monkeypatch, capsys):

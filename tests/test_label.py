@@ -141,11 +141,11 @@ def test_quit_and_end_of_input_exit_0(runs_root):
 
 def test_missing_samples_and_a_broken_human_file_are_reported_clearly(runs_root, tmp_path):
     missing = run_label(tmp_path / "no", "")
-    assert missing.returncode == 1 and "make samples RUN=t" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "make samples RUN=t" in missing.stderr and "Traceback" not in missing.stderr
     human = runs_root / "t" / "samples" / "human.jsonl"
     human.write_text(json.dumps({**RANKED[0], "source": "human"}) + "\n{not json\n")
     broken = run_label(runs_root, "")
-    assert broken.returncode == 1 and f"{human}, line 2" in broken.stderr and "Traceback" not in broken.stderr
+    assert broken.returncode == 2 and f"{human}, line 2" in broken.stderr and "Traceback" not in broken.stderr
 
 
 # ---- a real terminal ----------------------------------------------------------------------------------------

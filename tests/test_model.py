@@ -127,6 +127,6 @@ def test_kv_cache_prefill_in_chunks_matches_whole():
     m = model()
     x = torch.randint(1, 97, (1, 10))
     cache = KVCache(CONFIG, 1, 10, "cpu", torch.float32)
-    first = m(x[:, :6], past_key_values=cache, use_cache=True).logits
-    second = m(x[:, 6:], past_key_values=cache, use_cache=True).logits
+    first = m(x[:, :6], cache=cache, use_cache=True).logits
+    second = m(x[:, 6:], cache=cache, use_cache=True).logits
     assert torch.allclose(torch.cat([first, second], 1), m(x).logits, atol=1e-5)

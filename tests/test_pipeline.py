@@ -3,7 +3,9 @@
 import json
 import math
 
-from conftest import make
+import subprocess
+
+from conftest import REPO, make
 
 STAGE_METRICS = {
     "pretrain": ["val_loss", "val_bpb", "train_tokens", "tokens_per_sec", "params"],
@@ -37,11 +39,15 @@ def test_a_changed_setting_reruns_that_stage_and_what_follows(tiny_ppo, tmp_path
 
     root = tmp_path / "runs"
     shutil.copytree(tiny_ppo, root, symlinks=True)
-    result = make("ppo", root, "REWARD_ARGS=max_steps=4")
+    refused = subprocess.run(["make", "ppo", "PRESET=tiny", "RUN=t", f"RUNS_ROOT={root}", "REWARD_ARGS=max_steps=4"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode == 2 and "reward, ppo" in refused.stderr and "reward: args (none) -> max_steps=4" \
+        in refused.stderr  # finished work is redone only with FORCE=1
+    result = make("ppo", root, "REWARD_ARGS=max_steps=4", "FORCE=1")
     assert "stages/reward.py" in result.stdout and "stages/ppo.py" in result.stdout
     assert "stages/sft.py" not in result.stdout and "stages/pretrain.py" not in result.stdout
-    forced = make("reward", root, "REWARD_ARGS=max_steps=4", "FORCE=1")
-    assert "stages/reward.py" in forced.stdout
+    again = make("ppo", root)  # the run remembers the reward stage's arguments
+    assert "stages/" not in again.stdout
 
 
 def test_rlhf_rounds(tiny_ppo, tmp_path):

@@ -61,3 +61,26 @@ def test_interrupted_ppo_resumes(tiny_ppo, tmp_path):
     assert metrics["steps"] == 12 and not (out / "resume").exists()
     steps = [json.loads(line)["step"] for line in curve.read_text().splitlines()]
     assert steps.count(state["step"]) == 1  # the resumed curve continues, without duplicates
+
+
+def test_ppo_killed_after_a_periodic_save_resumes_and_finishes(tiny_ppo, tmp_path):
+    """kill -9: the same command resumes from the last whole resume state (checksums checked) and ends at the
+    configured step with one curve row per step (the reward model and SFT use the Trainer's resume, tested
+    with SFT)."""
+    out = tmp_path / "ppo"
+    args = ["--run", "t", "--preset", "tiny", "--runs-root", str(tiny_ppo), "--out", str(out), "steps=8",
+            "save_every=2", "eval_every=1000"]
+    process = subprocess.Popen([PYTHON, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (out / "resume" / "checksums.json").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    state = json.loads((out / "resume" / "state.json").read_text())
+    assert state["step"] >= 2 and not (out / "metrics.json").exists()
+    result = run_stage("ppo", tiny_ppo, *args[6:], "--out", str(out))
+    assert "resuming from step" in result.stderr + result.stdout
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 8
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(set(s for s in steps if s > 0)) == list(range(1, 9))
