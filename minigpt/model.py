@@ -16,6 +16,7 @@ registered with the Auto classes): `AutoModelForCausalLM.from_pretrained(dir)` w
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,11 @@ from transformers.modeling_outputs import (BaseModelOutputWithPast, CausalLMOutp
 
 class MiniGPTConfig(PretrainedConfig):
     model_type = "minigpt"
+    # Our classes are registered with the Auto classes, not shipped as Hub remote code, so there is no
+    # `auto_map`; TRL (GRPOTrainer's reference model, `create_model_from_path`) reads it anyway for any
+    # architecture that transformers does not define. An empty, read-only class attribute answers
+    # "no remote code" to both TRL and transformers and is never written to config.json.
+    auto_map = MappingProxyType({})
     # The standard names, so libraries that look for `hidden_size` & co. find ours.
     attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer",
                      "num_attention_heads": "n_head", "max_position_embeddings": "block_size"}
