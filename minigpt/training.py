@@ -17,22 +17,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_dtype(name: str) -> str:
-    """`auto` → bf16 autocast on GPUs that support it; fp32 on CPU.
-
-    On this project's CPU (AVX-512 BF16) bf16 autocast was measured slower for whole training steps
-    of small models (`make bench` prints both), so fp32 stays the CPU default; ask for
-    `dtype=bfloat16` to use it anyway.
-    """
-    if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bfloat16"
-        return "float32"
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype={name!r}: expected auto, float32 or bfloat16")
-    return name
-
-
 def make_accelerator(dtype: str = "float32", grad_accum: int = 1):
     """An `accelerate.Accelerator`: one process, several CPU processes (gloo) or GPUs alike."""
     from accelerate import Accelerator
