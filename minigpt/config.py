@@ -72,6 +72,8 @@ class PretrainConfig:
     max_steps: int = 1500
     max_time: float = 600.0  # seconds of training (whichever of max_steps/max_time ends first); 0 = none
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for embedding and norms)
+    muon_lr: float = 0.0  # Muon's lr on AdamW's scale (match_rms_adamw); 0 = lr
     # auto | float32 | bfloat16 (autocast). auto times a few training steps at stage start in fp32, bf16
     # autocast and (CPU) oneDNN bf16 matmuls, and keeps the fastest only if measurably faster (minigpt/speed.py)
     dtype: str = "auto"

@@ -24,7 +24,7 @@ from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, finger
                          parse_stage_args, plot_curves, require_stage, setup_logging,
                          write_json_atomic)
 from minigpt.sampling import SamplingConfig, generate
-from minigpt.speed import SpeedDecision, autocast_for, choose_speed
+from minigpt.speed import SpeedDecision, autocast_for, bf16_supported, choose_speed
 from minigpt.token_data import TokenBlocks, cache_key, cached_tokens, token_stats
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import agree_max, check_replicas_agree, require_data_parallel
@@ -66,7 +66,12 @@ def main():
                                  bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.end_id,
                                  pad_token_id=tokenizer.pad_id)
     model = MiniGPTForCausalLM(model_config)
-    optimizer = configure_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2))
+    kind = config.optimizer
+    if kind == "muon" and not bf16_supported(accelerator.device):
+        # Muon's Newton-Schulz iteration runs in bf16: on a device without bf16 math it is very slow.
+        log.warning("optimizer=muon: no bf16 math on %s, so Muon would be slow; using adamw", accelerator.device)
+        kind = "adamw"
+    optimizer = configure_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2), kind, config.muon_lr)
     # A resumed run must have the same config (a new wall-clock budget is fine).
     resume_key = {k: v for k, v in to_dict(config).items() if k != "max_time"}
     state = load_resume_state(out, model, optimizer, expect={"config": resume_key})
@@ -84,7 +89,7 @@ def main():
     micro = math.ceil(per_process / config.grad_accum)  # sequences per forward pass
     speed = decide_speed(config, state, model.to(accelerator.device), micro, tokenizer.vocab_size, accelerator)
     speed.apply()
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, *optimizer.optimizers = accelerator.prepare(model, *optimizer.optimizers)
     model = speed.wrap(model)
     params = count_parameters(accelerator.unwrap_model(model))
     log.info("model: %.2fM parameters, %d layers x %d wide, context %d, vocab %d", params / 1e6,
@@ -143,10 +148,10 @@ def main():
             if config.max_time and elapsed >= config.max_time:
                 log.info("wall-clock budget of %.0fs reached at step %d", config.max_time, step)
                 break
-            lr = config.lr * lr_multiplier(step, config.warmup_steps, config.max_steps, elapsed, config.max_time,
-                                           config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            multiplier = lr_multiplier(step, config.warmup_steps, config.max_steps, elapsed, config.max_time,
+                                       config.min_lr_ratio)
+            optimizer.set_lr_multiplier(multiplier)
+            lr = config.lr * multiplier
             offsets = train.random_offsets(step, global_batch, args.seed)
             mine = offsets[rank * per_process:(rank + 1) * per_process]
             step_loss = 0.0
@@ -191,7 +196,7 @@ def main():
     val_loss, val_bpb = evaluate()
     final = {"val_loss": val_loss, "val_bpb": val_bpb, "train_tokens": train_tokens_seen,
              "tokens_per_sec": train_tokens_seen / max(1e-9, train_time), "params": params, "steps": step,
-             "train_time_sec": round(train_time, 1), "world_size": world, "dtype": speed.dtype,
+             "train_time_sec": round(train_time, 1), "world_size": world, "dtype": speed.dtype, "optimizer": kind,
              "speed": speed.as_dict()}
     if accelerator.is_main_process:
         metrics.log(step=step, val_loss=val_loss, val_bpb=val_bpb)
