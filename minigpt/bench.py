@@ -1,15 +1,21 @@
-"""Performance figures, printed as one JSON line: `python -m minigpt.bench` (or `make bench`).
+"""Performance figures: `python -m minigpt.bench` (or `make bench`); the last line is one JSON object.
 
-Training throughput and model-FLOPs utilisation of our GPT against Transformers' GPT2LMHeadModel of
-identical dimensions, and decoding speed with and without the KV cache against GPT-2's `generate`.
-Every comparison is measured side by side in one run, interleaved (A, B, A, B, …), and reported as
-medians: the cores are shared and noisy, ratios measured together are what can be trusted.
+Prints the machine (CPU model, cores, bf16/AMX support) and the speed choices `minigpt.speed` makes
+here, then training throughput side by side: ours with those choices, ours in plain fp32 eager,
+Transformers' GPT2LMHeadModel of identical dimensions as a user runs it (fp32 eager) and with our
+choices (so the ratios show where a gain comes from), with model-FLOPs utilisation against the
+measured matmul peak; then decoding, single stream and batched rollouts (the PPO shape), against
+GPT-2's `generate`. Every comparison is measured in one run, interleaved (A, B, A, B, …), and
+reported as medians: the cores are shared and noisy, ratios measured together are what can be trusted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import platform
 import statistics
 import time
 
@@ -18,6 +24,20 @@ import torch.nn.functional as F
 
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM
 from minigpt.sampling import SamplingConfig, generate
+from minigpt.speed import autocast_for, bf16_supported, choose_speed, matmul_math
+
+
+def machine() -> dict:
+    """CPU model, cores and the instruction sets bf16 speed depends on."""
+    model, flags = platform.processor() or "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    return {"cpu_model": model, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
+            "amx_bf16": "amx_bf16" in flags, "onednn_bf16": bf16_supported("cpu")}
 
 
 def matmul_peak_gflops(dtype=torch.float32, n=1024, repeats=5) -> float:
@@ -49,14 +69,14 @@ def build_models(layers, width, heads, vocab, positions):
     return ours, gpt2
 
 
-def train_steps_per_sec(model, batch, block, vocab, steps, dtype):
+def train_steps_per_sec(model, batch, block, vocab, steps, math="fp32"):
     """Tokens/s of whole training steps (forward, backward, AdamW) after one warm-up step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, vocab, (batch, block + 1))
     model.train()
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with matmul_math(math), autocast_for(math, "cpu"):
             logits = model(input_ids=x[:, :-1]).logits
         loss = F.cross_entropy(logits.float().reshape(-1, vocab), x[:, 1:].reshape(-1))
         loss.backward()
@@ -98,6 +118,27 @@ def decode_rates(ours, gpt2, prompt_len, new_tokens, vocab):
     return cached, uncached, reference
 
 
+@torch.no_grad()
+def rollout_rates(ours, gpt2, prompts, prompt_len, new_tokens, vocab):
+    """Batched sampling, the PPO rollout shape: `prompts` rows of `prompt_len` tokens, `new_tokens` each."""
+    ours.eval(), gpt2.eval()
+    batch = torch.randint(0, vocab, (prompts, prompt_len))
+    greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
+
+    def ours_batched():
+        start = time.perf_counter()
+        generate(ours, batch.tolist(), greedy)
+        return prompts * new_tokens / (time.perf_counter() - start)
+
+    def gpt2_batched():
+        start = time.perf_counter()
+        gpt2.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        return prompts * new_tokens / (time.perf_counter() - start)
+
+    return ours_batched, gpt2_batched
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -110,29 +151,49 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="interleaved measurements per figure (median)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--rollout-prompts", type=int, default=64, help="rows of the batched rollout")
+    parser.add_argument("--rollout-tokens", type=int, default=48, help="new tokens per rollout row")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16, as the stages take it")
+    parser.add_argument("--compile", default="off", help="auto | on | off (on CPU compiling takes minutes)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    positions = max(args.block, args.prompt_len + args.new_tokens)
+    positions = max(args.block, args.prompt_len + args.new_tokens, args.prompt_len + args.rollout_tokens)
     ours, gpt2 = build_models(args.layers, args.width, args.heads, args.vocab, positions)
+    host = machine()
+    print(f"machine: {host['cpu_model']}, {host['cores']} cores, {torch.get_num_threads()} torch threads, "
+          f"avx512_bf16 {host['avx512_bf16']}, amx_bf16 {host['amx_bf16']}, oneDNN bf16 {host['onednn_bf16']}")
     peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
+    # The same decision a stage makes at start, on the bench's shapes.
+    decision = choose_speed(ours, args.batch, args.block, args.vocab, "cpu", args.dtype, args.compile)
+    print(decision.describe())
+    math = decision.math
+    ours_auto, gpt2_same = decision.wrap(ours), decision.wrap(gpt2)
 
-    train = {"ours": [], "ours_bf16": [], "gpt2": []}
+    train = {"ours": [], "ours_fp32_eager": [], "gpt2": [], "gpt2_same_choices": []}
+    runs = {"ours": (ours_auto, math), "ours_fp32_eager": (ours, "fp32"), "gpt2": (gpt2, "fp32"),
+            "gpt2_same_choices": (gpt2_same, math)}
+    if bf16_supported("cpu"):  # plain bf16 autocast, whatever was chosen: today's train_bf16_speedup
+        train["ours_bf16"], runs["ours_bf16"] = [], (ours, "bf16_autocast")
     for _ in range(args.repeats):  # interleaved, so background load hits all alike
-        train["ours"].append(train_steps_per_sec(ours, args.batch, args.block, args.vocab, args.steps, torch.float32))
-        train["gpt2"].append(train_steps_per_sec(gpt2, args.batch, args.block, args.vocab, args.steps, torch.float32))
-        train["ours_bf16"].append(train_steps_per_sec(ours, args.batch, args.block, args.vocab, args.steps,
-                                                      torch.bfloat16))
+        for name, (model, model_math) in runs.items():
+            train[name].append(train_steps_per_sec(model, args.batch, args.block, args.vocab, args.steps, model_math))
     cached, uncached, reference = decode_rates(ours, gpt2, args.prompt_len, args.new_tokens, args.vocab)
-    decode = {"cached": [], "uncached": [], "gpt2": []}
+    ours_batched, gpt2_batched = rollout_rates(ours, gpt2, args.rollout_prompts, args.prompt_len,
+                                               args.rollout_tokens, args.vocab)
+    decode = {"cached": [], "uncached": [], "gpt2": [], "rollout": [], "rollout_gpt2": []}
     for _ in range(args.repeats):
         decode["cached"].append(cached())
         decode["uncached"].append(uncached())
         decode["gpt2"].append(reference())
+        decode["rollout"].append(ours_batched())
+        decode["rollout_gpt2"].append(gpt2_batched())
     med = {k: statistics.median(v) for k, v in {**{f"train_{k}": v for k, v in train.items()},
                                                 **{f"decode_{k}": v for k, v in decode.items()}}.items()}
+    for name in train:
+        print(f"train {name:>18}: {med[f'train_{name}']:>9,.0f} tokens/s")
 
     non_embedding = sum(p.numel() for n, p in ours.named_parameters() if "wte" not in n)
     per_token = flops_per_token(non_embedding, args.layers, args.width, args.block, args.vocab)
@@ -141,18 +202,33 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "matmul_peak_gflops": round(peak["fp32"], 1),
         "matmul_peak_gflops_bf16": round(peak["bf16"], 1),
+        "cpu_model": host["cpu_model"],
+        "cores": host["cores"],
+        "bf16_flags": {k: host[k] for k in ("avx512_bf16", "amx_bf16", "onednn_bf16")},
+        "decisions": decision.as_dict(),
         "train_tokens_per_sec": round(med["train_ours"]),
-        "train_mfu": round(med["train_ours"] * per_token / (peak["fp32"] * 1e9), 4),
-        "train_tokens_per_sec_bf16": round(med["train_ours_bf16"]),
-        "train_bf16_speedup": round(med["train_ours_bf16"] / med["train_ours"], 3),
+        # against the peak of the math actually used (bf16 matmul peak when bf16 was chosen)
+        "train_mfu": round(med["train_ours"] * per_token / (peak["bf16" if "bf16" in math else "fp32"] * 1e9), 4),
+        "train_mfu_vs_fp32_peak": round(med["train_ours"] * per_token / (peak["fp32"] * 1e9), 4),
+        "train_tokens_per_sec_fp32_eager": round(med["train_ours_fp32_eager"]),
+        "train_ratio_vs_fp32_eager": round(med["train_ours"] / med["train_ours_fp32_eager"], 3),
+        "train_tokens_per_sec_bf16": round(med["train_ours_bf16"]) if "train_ours_bf16" in med else None,
+        "train_bf16_speedup": round(med["train_ours_bf16"] / med["train_ours_fp32_eager"], 3)
+        if "train_ours_bf16" in med else None,
         "gpt2_train_tokens_per_sec": round(med["train_gpt2"]),
+        "gpt2_same_choices_train_tokens_per_sec": round(med["train_gpt2_same_choices"]),
         "train_ratio_vs_gpt2": round(med["train_ours"] / med["train_gpt2"], 3),
+        "train_ratio_vs_gpt2_same_choices": round(med["train_ours"] / med["train_gpt2_same_choices"], 3),
         "decode_new_tokens": args.new_tokens,
         "decode_tokens_per_sec_cached": round(med["decode_cached"], 1),
         "decode_tokens_per_sec_uncached": round(med["decode_uncached"], 1),
         "decode_cache_ratio": round(med["decode_cached"] / med["decode_uncached"], 3),
         "gpt2_generate_tokens_per_sec": round(med["decode_gpt2"], 1),
         "decode_ratio_vs_gpt2": round(med["decode_cached"] / med["decode_gpt2"], 3),
+        "rollout_shape": f"{args.rollout_prompts} prompts x {args.rollout_tokens} new tokens",
+        "rollout_tokens_per_sec": round(med["decode_rollout"], 1),
+        "gpt2_rollout_tokens_per_sec": round(med["decode_rollout_gpt2"], 1),
+        "rollout_ratio_vs_gpt2": round(med["decode_rollout"] / med["decode_rollout_gpt2"], 3),
     }
     print(json.dumps(result))
 

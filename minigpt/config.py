@@ -76,22 +76,29 @@ class PretrainConfig:
     max_steps: int = 1500
     max_time: float = 600.0  # seconds of training (whichever of max_steps/max_time ends first); 0 = none
     grad_clip: float = 1.0
-    dtype: str = "auto"  # auto | float32 | bfloat16 (autocast); auto = bf16 where it is fast
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for embedding and norms)
+    muon_lr: float = 0.0  # Muon's lr on AdamW's scale (match_rms_adamw); 0 = lr
+    # auto | float32 | bfloat16 (autocast). auto times a few training steps at stage start in fp32, bf16
+    # autocast and (CPU) oneDNN bf16 matmuls, and keeps the fastest only if measurably faster (minigpt/speed.py)
+    dtype: str = "auto"
+    compile: str = "off"  # auto | on | off: auto measures torch.compile too (on CPU compiling takes minutes)
+    speed_batch: int = 4  # sequences per step the auto choices are timed on
     # bookkeeping
     eval_every: int = 250
     eval_batches: int = 20
     save_every: int = 250  # resume checkpoint every N steps
     sample_every: int = 500
     log_every: int = 10
-    compile: bool = False
 
     PRESETS: typing.ClassVar[dict] = {
+        # tiny is fp32: its tests compare runs to 1e-4, which a per-run bf16 choice would break.
         "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=8, lr=3e-3, max_time=0.0,
+                     dtype="float32",
                      warmup_steps=10, max_steps=120, eval_every=40, eval_batches=4,
                      save_every=40, sample_every=120),
         "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=64, max_time=0.0,
                     lr=1e-3, warmup_steps=500, max_steps=20000, eval_every=500,
-                    save_every=1000, sample_every=2000, dtype="bfloat16"),
+                    save_every=1000, sample_every=2000, compile="auto"),
     }
 
 

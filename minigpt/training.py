@@ -1,5 +1,5 @@
-"""Training mechanics shared by the stages we train ourselves (pretrain, PPO): accelerator, dtype,
-optimizer, learning-rate schedule, seeding."""
+"""Training mechanics shared by the stages we train ourselves (pretrain, PPO): accelerator,
+optimizers, learning-rate schedule, seeding."""
 
 from __future__ import annotations
 
@@ -17,22 +17,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_dtype(name: str) -> str:
-    """`auto` → bf16 autocast on GPUs that support it; fp32 on CPU.
-
-    On this project's CPU (AVX-512 BF16) bf16 autocast was measured slower for whole training steps
-    of small models (`make bench` prints both), so fp32 stays the CPU default; ask for
-    `dtype=bfloat16` to use it anyway.
-    """
-    if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return "bfloat16"
-        return "float32"
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype={name!r}: expected auto, float32 or bfloat16")
-    return name
-
-
 def make_accelerator(dtype: str = "float32", grad_accum: int = 1):
     """An `accelerate.Accelerator`: one process, several CPU processes (gloo) or GPUs alike."""
     from accelerate import Accelerator
@@ -41,14 +25,78 @@ def make_accelerator(dtype: str = "float32", grad_accum: int = 1):
                        gradient_accumulation_steps=grad_accum)
 
 
-def configure_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95)):
-    """AdamW; weight decay on matrices only (not on norms or biases), as in GPT-2/nanoGPT."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available() or None)
+OPTIMIZERS = ("adamw", "muon")
+
+
+class Optimizers:
+    """Several torch optimizers stepped as one: Muon for the hidden matrices, AdamW for the rest.
+
+    Each param group keeps its own `base_lr`; the schedule sets `lr = base_lr * multiplier` on all.
+    """
+
+    def __init__(self, optimizers):
+        self.optimizers = list(optimizers)
+
+    @property
+    def param_groups(self):
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def set_lr_multiplier(self, multiplier: float) -> None:
+        for group in self.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state.get("optimizers", [])) != len(self.optimizers):
+            raise ValueError(f"resume state holds {len(state.get('optimizers', []))} optimizers, this run has "
+                             f"{len(self.optimizers)}: was it started with another optimizer=?")
+        for optimizer, part in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(part)
+
+
+def hidden_matrices(model) -> list[str]:
+    """Names of the 2-D weights inside the Transformer blocks: what Muon orthogonalises.
+
+    Not the embedding (it is also the tied LM head: a lookup table, not a map between hidden states),
+    not norms or biases (1-D).
+    """
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and ".blocks." in f".{name}"]
+
+
+def configure_optimizer(model, lr: float, weight_decay: float, betas=(0.9, 0.95), kind: str = "adamw",
+                        muon_lr: float = 0.0) -> Optimizers:
+    """AdamW (weight decay on matrices only, as in GPT-2/nanoGPT), or Muon for the hidden matrices with
+    AdamW for the embedding and norms (as nanochat and the modded-nanoGPT speedrun do).
+
+    Muon's update is scaled to AdamW's RMS (`match_rms_adamw`), so `muon_lr` (0: `lr`) is on AdamW's scale.
+    """
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"optimizer={kind!r}: expected one of {', '.join(OPTIMIZERS)}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named = list({id(p): (n, p) for n, p in named}.values())  # the tied head once
+    muon_names = set(hidden_matrices(model)) if kind == "muon" else set()
+    muon = [p for n, p in named if n in muon_names]
+    decay = [p for n, p in named if n not in muon_names and p.dim() >= 2]
+    no_decay = [p for n, p in named if n not in muon_names and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay, "base_lr": lr},
+              {"params": no_decay, "weight_decay": 0.0, "base_lr": lr}]
+    parts = [torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available() or None)]
+    if muon:
+        muon_lr = muon_lr or lr
+        parts.append(torch.optim.Muon([{"params": muon, "base_lr": muon_lr}], lr=muon_lr,
+                                      weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"))
+    return Optimizers(parts)
 
 
 def lr_multiplier(step: int, warmup_steps: int, max_steps: int, elapsed: float = 0.0, max_time: float = 0.0,

@@ -24,11 +24,12 @@ from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, finger
                          parse_stage_args, plot_curves, require_stage, setup_logging,
                          write_json_atomic)
 from minigpt.sampling import SamplingConfig, generate
+from minigpt.speed import SpeedDecision, autocast_for, bf16_supported, choose_speed
 from minigpt.token_data import TokenBlocks, cache_key, cached_tokens, token_stats
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import agree_max, check_replicas_agree, require_data_parallel
-from minigpt.training import (configure_optimizer, count_parameters, make_accelerator, resolve_dtype,
-                              lr_multiplier, seed_everything)
+from minigpt.training import (configure_optimizer, count_parameters, make_accelerator, lr_multiplier,
+                              seed_everything)
 
 log = logging.getLogger("minigpt.pretrain")
 SAMPLE_PROMPTS = ["Once upon a time", "The market in", "3 plus 4 is"]
@@ -37,14 +38,14 @@ SAMPLE_PROMPTS = ["Once upon a time", "The market in", "3 plus 4 is"]
 def main():
     args = parse_stage_args("pretrain")
     config = load_config(PretrainConfig, args.preset, args.overrides)
-    dtype = resolve_dtype(config.dtype)
-    accelerator = make_accelerator(dtype)
+    # bf16 autocast is ours to apply (autocast_for), once the speed decision is made below.
+    accelerator = make_accelerator("float32")
     require_data_parallel(accelerator)
     out = args.out_dir
     setup_logging(out, accelerator.is_main_process)
     seed_everything(args.seed)
     world = accelerator.num_processes
-    log.info("pretrain: preset=%s world_size=%d device=%s dtype=%s", args.preset, world, accelerator.device, dtype)
+    log.info("pretrain: preset=%s world_size=%d device=%s", args.preset, world, accelerator.device)
 
     # --- data: tokenized once, cached beside the tokenizer ---------------------------------------
     tokenizer_dir = require_stage(args, "tokenizer")
@@ -65,7 +66,12 @@ def main():
                                  bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.end_id,
                                  pad_token_id=tokenizer.pad_id)
     model = MiniGPTForCausalLM(model_config)
-    optimizer = configure_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2))
+    kind = config.optimizer
+    if kind == "muon" and not bf16_supported(accelerator.device):
+        # Muon's Newton-Schulz iteration runs in bf16: on a device without bf16 math it is very slow.
+        log.warning("optimizer=muon: no bf16 math on %s, so Muon would be slow; using adamw", accelerator.device)
+        kind = "adamw"
+    optimizer = configure_optimizer(model, config.lr, config.weight_decay, (0.9, config.beta2), kind, config.muon_lr)
     # A resumed run must have the same config (a new wall-clock budget is fine).
     resume_key = {k: v for k, v in to_dict(config).items() if k != "max_time"}
     state = load_resume_state(out, model, optimizer, expect={"config": resume_key})
@@ -74,20 +80,21 @@ def main():
     train_tokens_seen = state["train_tokens"] if state else 0
     if state:
         log.info("resuming from step %d (%s)", start_step, out / "resume")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if config.compile:
-        model = torch.compile(model)
-    params = count_parameters(accelerator.unwrap_model(model))
-    log.info("model: %.2fM parameters, %d layers x %d wide, context %d, vocab %d", params / 1e6,
-             config.n_layer, config.n_embd, config.block_size, tokenizer.vocab_size)
-
-    # The preset fixes the global batch; processes split it (see token_data).
+    # The per-process micro-batch (see below) is the shape every forward pass has.
     global_batch = config.batch_size * config.grad_accum
     if global_batch % world:
         raise SystemExit(f"error: global batch {global_batch} (batch_size x grad_accum) is not divisible by "
                          f"{world} processes")
     per_process = global_batch // world
     micro = math.ceil(per_process / config.grad_accum)  # sequences per forward pass
+    speed = decide_speed(config, state, model.to(accelerator.device), micro, tokenizer.vocab_size, accelerator)
+    speed.apply()
+    model, *optimizer.optimizers = accelerator.prepare(model, *optimizer.optimizers)
+    model = speed.wrap(model)
+    params = count_parameters(accelerator.unwrap_model(model))
+    log.info("model: %.2fM parameters, %d layers x %d wide, context %d, vocab %d", params / 1e6,
+             config.n_layer, config.n_embd, config.block_size, tokenizer.vocab_size)
+
     rank = accelerator.process_index
 
     def loss_of(inputs, targets):
@@ -100,7 +107,7 @@ def main():
         offsets = val.eval_offsets(config.eval_batches * config.batch_size)
         losses = []
         for chunk in offsets.split(config.batch_size)[rank::world]:
-            with accelerator.autocast():
+            with autocast_for(speed.math, accelerator.device):
                 losses.append(loss_of(*val.blocks(chunk)))
         # Summed and counted over processes, then divided: processes may hold different numbers of batches.
         total = torch.stack([torch.stack(losses).sum() if losses else torch.tensor(0.0, device=accelerator.device),
@@ -125,7 +132,7 @@ def main():
         if accelerator.is_main_process:
             save_resume_state(out, accelerator.unwrap_model(model), optimizer, None,
                               {"step": step, "elapsed": elapsed, "train_tokens": train_tokens_seen,
-                               "config": resume_key})
+                               "config": resume_key, "speed": speed.as_dict()})
         accelerator.wait_for_everyone()
 
     metrics = MetricsLog(out / "metrics.jsonl", accelerator.is_main_process, resume_step=start_step if state else None)
@@ -141,10 +148,10 @@ def main():
             if config.max_time and elapsed >= config.max_time:
                 log.info("wall-clock budget of %.0fs reached at step %d", config.max_time, step)
                 break
-            lr = config.lr * lr_multiplier(step, config.warmup_steps, config.max_steps, elapsed, config.max_time,
-                                           config.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            multiplier = lr_multiplier(step, config.warmup_steps, config.max_steps, elapsed, config.max_time,
+                                       config.min_lr_ratio)
+            optimizer.set_lr_multiplier(multiplier)
+            lr = config.lr * multiplier
             offsets = train.random_offsets(step, global_batch, args.seed)
             mine = offsets[rank * per_process:(rank + 1) * per_process]
             step_loss = 0.0
@@ -152,7 +159,7 @@ def main():
             for i, chunk in enumerate(chunks):
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 sync = contextlib.nullcontext() if i == len(chunks) - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
+                with sync, autocast_for(speed.math, accelerator.device):
                     loss = loss_of(*train.blocks(chunk))
                     accelerator.backward(loss * len(chunk) / per_process)
                 step_loss += loss.item() * len(chunk) / per_process
@@ -189,14 +196,15 @@ def main():
     val_loss, val_bpb = evaluate()
     final = {"val_loss": val_loss, "val_bpb": val_bpb, "train_tokens": train_tokens_seen,
              "tokens_per_sec": train_tokens_seen / max(1e-9, train_time), "params": params, "steps": step,
-             "train_time_sec": round(train_time, 1), "world_size": world, "dtype": dtype}
+             "train_time_sec": round(train_time, 1), "world_size": world, "dtype": speed.dtype, "optimizer": kind,
+             "speed": speed.as_dict()}
     if accelerator.is_main_process:
         metrics.log(step=step, val_loss=val_loss, val_bpb=val_bpb)
         if step % config.sample_every:
             write_samples(step)
         raw = accelerator.unwrap_model(model)
         manifest = make_manifest("pretrain", config, args, parent=None, data_files=[source], metrics=final,
-                                 tokenizer=str(tokenizer_dir))
+                                 tokenizer=str(tokenizer_dir), speed=speed.as_dict())
         save_model(raw, out, tokenizer_dir, manifest)
         plot_curves(metrics.read(), ["train_loss", "val_loss", "val_bpb", "lr"], out / "loss.png", "pretrain")
         write_json_atomic(out / "metrics.json", final)
@@ -204,6 +212,27 @@ def main():
         log.info("pretrain done: val_loss %.4f, val_bpb %.4f, %.0f tokens/s, %.1fs -> %s",
                  val_loss, val_bpb, final["tokens_per_sec"], train_time, out)
     accelerator.wait_for_everyone()
+
+
+def decide_speed(config, state, model, micro, vocab, accelerator) -> SpeedDecision:
+    """bf16 / compile for this run: measured on the main process and shared, so every process agrees;
+    a resumed run keeps the choice it started with (the same math for its whole curve)."""
+    from accelerate.utils import broadcast_object_list
+
+    if state and "speed" in state:
+        decision = SpeedDecision(**{k: v for k, v in state["speed"].items()
+                                    if k in SpeedDecision.__dataclass_fields__})
+        log.info("speed: keeping the resumed run's choice, %s", decision.name())
+        return decision
+    started = time.time()
+    # A few sequences of the real length measure the same kernels as the full micro-batch, in a few seconds.
+    decision = [choose_speed(model, min(micro, config.speed_batch), config.block_size, vocab, accelerator.device,
+                             config.dtype, config.compile) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    decision = decision[0]
+    log.info("%s (decided in %.1fs)", decision.describe(), time.time() - started)
+    return decision
 
 
 if __name__ == "__main__":

@@ -1,0 +1,239 @@
+"""Run-time speed choices: bf16 math and `torch.compile`, decided by measuring this machine.
+
+Machines differ from one day to the next: on a Xeon with AMX bf16 matmuls are several times faster
+than fp32, on an EPYC without AVX-512 bf16 is twenty times *slower*, and whether `torch.compile`
+pays depends on the model size, the compiler and the cores. So a stage does not guess: it times a few
+of its own training steps (its real shapes) in each candidate setting, interleaved so background load
+hits all alike, and keeps the fastest only when it is measurably faster than plain fp32 eager.
+Anything that fails (no bf16, a compiler error) falls back to fp32 eager.
+
+    decision = choose_speed(model, batch=16, block=256, vocab=2048, device=device, dtype="auto", compile="auto")
+    decision.apply()             # sets the process-wide matmul precision the decision wants
+    model = decision.wrap(model) # torch.compile'd when it won
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+# A candidate must beat fp32 eager by this fraction of a step to be chosen: smaller gains are noise
+# on shared cores, and a wrong "win" would make the run slower than doing nothing.
+MARGIN = 0.05
+# The math settings: "fp32"; "bf16_autocast" (activations in bf16: accelerate's mixed_precision=bf16);
+# "bf16_matmul" (fp32 weights and activations, oneDNN computes each fp32 matmul in bf16 on CPU).
+MATHS = ("fp32", "bf16_autocast", "bf16_matmul")
+
+
+@dataclass
+class SpeedDecision:
+    math: str = "fp32"
+    compile: bool = False
+    # seconds per training step, median of the interleaved measurements, per candidate tried
+    step_seconds: dict = field(default_factory=dict)
+    compile_seconds: float = 0.0  # the one-off cost of compiling, when it was tried
+    compile_round: dict = field(default_factory=dict)  # eager vs compiled, measured together
+    notes: list = field(default_factory=list)  # why a candidate was skipped or failed
+
+    @property
+    def dtype(self) -> str:
+        """What accelerate's mixed precision should be: autocast only for bf16_autocast."""
+        return "bfloat16" if self.math == "bf16_autocast" else "float32"
+
+    def speedup(self) -> float:
+        """Chosen step time vs fp32 eager's (1.0 when nothing was measured)."""
+        times = self.compile_round if self.compile and self.compile_round else self.step_seconds
+        chosen, base = times.get(self.name()), times.get("fp32")
+        return round(base / chosen, 3) if chosen and base else 1.0
+
+    def name(self) -> str:
+        return self.math + ("+compile" if self.compile else "")
+
+    def apply(self) -> None:
+        set_matmul_math(self.math)
+
+    def wrap(self, model):
+        return torch.compile(model) if self.compile else model
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "chosen": self.name(), "speedup_vs_fp32_eager": self.speedup()}
+
+    def describe(self) -> str:
+        times = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.step_seconds.items())
+        extra = f"; compile took {self.compile_seconds:.1f}s" if self.compile_seconds else ""
+        if self.compile_round:
+            extra += "; then " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.compile_round.items())
+        notes = f"; {'; '.join(self.notes)}" if self.notes else ""
+        return f"speed: chose {self.name()} ({self.speedup():.2f}x fp32 eager) from {times or 'no measurement'}{extra}{notes}"
+
+
+def bf16_supported(device) -> bool:
+    """Whether this device has native bf16 math (on CPU: oneDNN's AVX-512 BF16 / AMX kernels)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def set_matmul_math(math: str) -> None:
+    """Process-wide: oneDNN's fp32 matmuls in bf16 for `bf16_matmul`, exact fp32 otherwise."""
+    if math not in MATHS:
+        raise ValueError(f"math={math!r}: expected one of {', '.join(MATHS)}")
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if math == "bf16_matmul" else "none"
+
+
+def autocast_for(math: str, device):
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=math == "bf16_autocast")
+
+
+def candidate_maths(dtype: str, device) -> tuple[list[str], list[str]]:
+    """The math settings to measure for a `dtype` request, and notes on any left out."""
+    if dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: expected auto, float32 or bfloat16")
+    if dtype == "float32":
+        return ["fp32"], []
+    if not bf16_supported(device):
+        note = f"bf16 not supported on {torch.device(device).type}"
+        if dtype == "bfloat16":
+            raise ValueError(f"dtype=bfloat16: {note}; use dtype=auto or float32")
+        return ["fp32"], [note + ": fp32"]
+    if dtype == "bfloat16":
+        return ["bf16_autocast"], []
+    maths = ["fp32", "bf16_autocast"]
+    if torch.device(device).type == "cpu":
+        maths.append("bf16_matmul")
+    return maths, []
+
+
+def parse_compile(value) -> str:
+    """`auto` | `on` | `off` (booleans and 1/0/true/false are accepted as on/off)."""
+    text = str(value).strip().lower()
+    if text in ("auto",):
+        return "auto"
+    if text in ("1", "true", "yes", "on"):
+        return "on"
+    if text in ("0", "false", "no", "off", ""):
+        return "off"
+    raise ValueError(f"compile={value!r}: expected auto, on or off")
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def training_step_fn(model, batch: int, block: int, vocab: int, device, math: str):
+    """One forward+backward on random tokens of the run's shape; gradients are dropped, weights untouched."""
+    # Its own generator: measuring must not move the run's random stream.
+    x = torch.randint(0, vocab, (batch, block + 1), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def step():
+        set_matmul_math(math)
+        with autocast_for(math, device):
+            logits = model(input_ids=x[:, :-1]).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        _sync(device)
+    return step
+
+
+def measure(steps: dict, repeats: int = 5, min_seconds: float = 0.0) -> dict:
+    """Median seconds of each callable, called round-robin `repeats` times (more while under min_seconds)."""
+    times = {name: [] for name in steps}
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or (time.perf_counter() - started < min_seconds and rounds < 4 * repeats):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+        rounds += 1
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str = "auto", compile="auto",
+                 repeats: int = 5) -> SpeedDecision:
+    """Time the candidate settings on `model` itself and return the fastest that beats fp32 eager.
+
+    An explicit `dtype` (float32 / bfloat16) or `compile` (on / off) is obeyed, not measured.
+    The model's weights are not changed (forward and backward only; gradients are discarded).
+    """
+    compile = parse_compile(compile)
+    maths, notes = candidate_maths(dtype, device)
+    decision = SpeedDecision(math=maths[0], notes=notes)
+    if len(maths) == 1 and compile == "off":
+        return decision  # nothing to choose
+    was_training = model.training
+    model.train()
+    try:
+        steps = {m: training_step_fn(model, batch, block, vocab, device, m) for m in maths}
+        for step in steps.values():  # warm-up: oneDNN primitives, allocator
+            step()
+        if len(maths) > 1:
+            decision.step_seconds = measure(steps, repeats)
+            decision.math = pick(decision.step_seconds, "fp32")
+        else:
+            decision.step_seconds = measure(steps, 2) if compile == "auto" else {}
+        if compile != "off":
+            compiled, seconds, error = try_compile(model, batch, block, vocab, device, decision.math)
+            decision.compile_seconds = seconds
+            if error:
+                if compile == "on":
+                    raise RuntimeError(f"compile=on: torch.compile failed: {error}") from None
+                decision.notes.append(f"compile failed ({error}): eager")
+            elif compile == "on":
+                decision.compile = True
+            else:
+                # A round of its own, with fp32 eager beside it: every ratio is from one round.
+                round_steps = {m: steps[m] for m in dict.fromkeys(["fp32", decision.math]) if m in steps}
+                name = decision.math + "+compile"
+                round_steps[name] = training_step_fn(compiled, batch, block, vocab, device, decision.math)
+                decision.compile_round = measure(round_steps, repeats)
+                baseline = min((decision.compile_round[m] for m in round_steps if m != name))
+                decision.compile = decision.compile_round[name] < (1 - MARGIN) * baseline
+    finally:
+        set_matmul_math(decision.math)
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return decision
+
+
+def pick(seconds: dict, baseline: str) -> str:
+    """The fastest entry, if it beats `baseline` by more than MARGIN; otherwise the baseline."""
+    best = min(seconds, key=seconds.get)
+    return best if seconds[best] < (1 - MARGIN) * seconds[baseline] else baseline
+
+
+def try_compile(model, batch, block, vocab, device, math):
+    """(compiled model, seconds to compile, error text or None): any failure means eager."""
+    started = time.perf_counter()
+    try:
+        compiled = torch.compile(model)
+        training_step_fn(compiled, batch, block, vocab, device, math)()  # compiles forward and backward
+        return compiled, time.perf_counter() - started, None
+    except Exception as error:  # noqa: BLE001 — a compiler can fail in many ways; eager always works
+        text = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
+        return None, time.perf_counter() - started, text
+
+
+@contextlib.contextmanager
+def matmul_math(math: str):
+    """Temporarily use a math setting (for measurements outside a stage, e.g. the bench)."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    set_matmul_math(math)
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before

@@ -1,0 +1,150 @@
+"""The run-time speed choice (minigpt/speed.py): bf16 and compilation only when measurably faster."""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_stage
+from minigpt import speed
+from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM
+
+VOCAB, BLOCK = 64, 32
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return MiniGPTForCausalLM(MiniGPTConfig(vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, block_size=BLOCK))
+
+
+def choose(model, monkeypatch=None, **kwargs):
+    return speed.choose_speed(model, batch=2, block=BLOCK, vocab=VOCAB, device="cpu", **kwargs)
+
+
+def test_without_bf16_support_the_choice_is_fp32_eager(monkeypatch):
+    monkeypatch.setattr(speed, "bf16_supported", lambda device: False)
+    decision = choose(tiny_model(), dtype="auto", compile="off")
+    assert decision.name() == "fp32" and decision.dtype == "float32"
+    assert any("not supported" in note for note in decision.notes)
+    with pytest.raises(ValueError, match="bfloat16"):
+        choose(tiny_model(), dtype="bfloat16", compile="off")
+
+
+@pytest.mark.parametrize("timings, expected", [
+    ({"fp32": 1.0, "bf16_autocast": 2.0, "bf16_matmul": 1.5}, "fp32"),  # bf16 slower: the EPYC case
+    ({"fp32": 1.0, "bf16_autocast": 0.98, "bf16_matmul": 0.99}, "fp32"),  # within noise: not worth it
+    ({"fp32": 1.0, "bf16_autocast": 0.6, "bf16_matmul": 0.8}, "bf16_autocast"),  # clearly faster
+    ({"fp32": 1.0, "bf16_autocast": 0.9, "bf16_matmul": 0.5}, "bf16_matmul"),
+])
+def test_bf16_is_chosen_only_when_measurably_faster(monkeypatch, timings, expected):
+    monkeypatch.setattr(speed, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(speed, "measure", lambda steps, repeats=5: {k: timings[k] for k in steps})
+    decision = choose(tiny_model(), dtype="auto", compile="off")
+    assert decision.math == expected
+    assert decision.dtype == ("bfloat16" if expected == "bf16_autocast" else "float32")
+    assert decision.speedup() == pytest.approx(timings["fp32"] / timings[expected], abs=1e-3)
+
+
+def test_explicit_dtype_is_obeyed_without_measuring(monkeypatch):
+    monkeypatch.setattr(speed, "measure", lambda *a, **k: pytest.fail("an explicit dtype must not be measured"))
+    assert choose(tiny_model(), dtype="float32", compile="off").math == "fp32"
+
+
+def test_a_failing_compiler_falls_back_to_eager(monkeypatch):
+    def broken(model, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    decision = choose(tiny_model(), dtype="float32", compile="auto")
+    assert decision.name() == "fp32" and not decision.compile
+    assert any("compile failed" in note and "no C++ compiler" in note for note in decision.notes)
+    with pytest.raises(RuntimeError, match="compile=on"):
+        choose(tiny_model(), dtype="float32", compile="on")
+
+
+class Slowed(torch.nn.Module):
+    """Stands in for a compiled model that is slower than eager."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, **kwargs):
+        time.sleep(0.02)
+        return self.inner(**kwargs)
+
+
+def test_a_slower_compiled_model_is_not_used(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Slowed(model))
+    decision = choose(tiny_model(), dtype="float32", compile="auto", repeats=3)
+    assert not decision.compile and decision.name() == "fp32"
+    assert decision.compile_round["fp32+compile"] > decision.compile_round["fp32"] + 0.015
+
+
+def test_a_faster_compiled_model_is_used(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)
+    monkeypatch.setattr(speed, "measure", lambda steps, repeats=5: {k: 0.5 if "compile" in k else 1.0 for k in steps})
+    decision = choose(tiny_model(), dtype="float32", compile="auto")
+    assert decision.compile and decision.name() == "fp32+compile" and decision.speedup() == 2.0
+
+
+def test_measuring_leaves_weights_and_random_stream_alone():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    choose(model, dtype="auto", compile="off", repeats=2)
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.backends.mkldnn.matmul.fp32_precision in ("none", "bf16")
+
+
+def train_curve(math, steps=40):
+    """Loss per step of the tiny model on a learnable pattern (each token is the previous one + 1)."""
+    model = tiny_model(seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    speed.set_matmul_math(math)
+    try:
+        for _ in range(steps):
+            start = torch.randint(0, VOCAB, (8, 1), generator=generator)
+            x = (start + torch.arange(BLOCK + 1)) % VOCAB
+            with speed.autocast_for(math, "cpu"):
+                logits = model(input_ids=x[:, :-1]).logits
+            loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    finally:
+        speed.set_matmul_math("fp32")
+    return losses
+
+
+@pytest.mark.skipif(not speed.bf16_supported("cpu"), reason="this CPU has no bf16 math")
+@pytest.mark.parametrize("math", ["bf16_autocast", "bf16_matmul"])
+def test_bf16_training_follows_the_fp32_loss_curve(math):
+    fp32, bf16 = train_curve("fp32"), train_curve(math)
+    assert fp32[-1] < fp32[0] - 1.0  # it learns, so the comparison means something
+    assert bf16 != fp32  # bf16 math really was used
+    for step, (a, b) in enumerate(zip(fp32, bf16)):
+        assert abs(a - b) < 0.05 * a + 0.02, (step, a, b)
+
+
+def test_pretraining_records_its_speed_decision(tiny_runs, tmp_path):
+    shutil.copytree(tiny_runs / "t", tmp_path / "s", ignore=shutil.ignore_patterns("pretrain", "tokens"))
+    result = run_stage("pretrain", tmp_path, "dtype=auto", "max_steps=5", "eval_every=5", "sample_every=5", run="s")
+    assert "speed: chose" in result.stderr + result.stdout
+    out = tmp_path / "s" / "pretrain"
+    metrics = json.loads((out / "metrics.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert metrics["speed"] == manifest["speed"]
+    assert metrics["speed"]["chosen"] in ("fp32", "bf16_autocast", "bf16_matmul")
+    assert "fp32" in metrics["speed"]["step_seconds"] or not speed.bf16_supported("cpu")
+    assert metrics["dtype"] == ("bfloat16" if metrics["speed"]["math"] == "bf16_autocast" else "float32")
