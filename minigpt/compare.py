@@ -188,6 +188,7 @@ def collect(run_dir: Path, config: EvalConfig, eval_data=None, sft_data=None) ->
     for after, before in dict.fromkeys(c for c in comparisons if c[0] != c[1] and c[1] in evaluations):
         report["pairs"][f"{after}_vs_{before}"] = pair(evaluations[before], evaluations[after], before, after)
         log.info("%s", report["pairs"][f"{after}_vs_{before}"]["summary"])
+    report["winner"] = which_method_won(report["pairs"])
     if reward is not None and reference is not None and judged:
         report["best_of_n"] = saved_or_new_best_of_n(run_dir, reference, records, reward, config)
         report["calibration"] = calibration(evaluations)
@@ -195,6 +196,26 @@ def collect(run_dir: Path, config: EvalConfig, eval_data=None, sft_data=None) ->
                             **{name: answer_row(ev["prompts"][i]) for name, ev in evaluations.items()}}
                            for i, r in enumerate(records)]
     return json_safe(report)
+
+
+def which_method_won(pairs: dict) -> str | None:
+    """One sentence: which of the RLHF methods (PPO, DPO, GRPO, rounds) gained most over SFT, and whether measurably."""
+    from minigpt.stats import significance
+
+    methods = {key[:-len("_vs_sft")]: p for key, p in pairs.items()
+               if key.endswith("_vs_sft") and key != "sft_vs_base" and p.get("gain_sampled") is not None}
+    if not methods:
+        return None
+    best = max(methods, key=lambda m: methods[m]["gain_sampled"])
+    p = methods[best]
+    verdict = significance(p["gain_sampled"], p["gain_sampled_ci"])
+    others = ", ".join(f"{m} {q['gain_sampled']:+.3f}" for m, q in methods.items() if m != best)
+    if verdict != "better":
+        return (f"No method measurably beat SFT on this run: the largest sampled gain is {best}'s "
+                f"({p['gain_sampled']:+.3f}, 95% CI {p['gain_sampled_ci'][0]:+.3f} to {p['gain_sampled_ci'][1]:+.3f})"
+                + (f"; the others: {others}." if others else "."))
+    return (f"{best} won on this run: {p['summary'].split(': ', 1)[-1]}" + (f". The others' sampled gains over SFT: "
+                                                                           f"{others}." if others else "."))
 
 
 def saved_or_new_best_of_n(run_dir: Path, reference, records, reward, config: EvalConfig) -> dict:
@@ -316,6 +337,8 @@ def render_markdown(report: dict) -> str:
     out = [f"# minigpt run `{report['run']}`: every stage on {report['prompts']} held-out prompts", "", HOW_TO_READ, ""]
     if report.get("gold_note"):
         out += [f"**{report['gold_note']}**", ""]
+    if report.get("winner"):
+        out += [f"**Which method won.** {report['winner']}", ""]
     for title, header, rows in tables(report):
         out += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
                 *("| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows), ""]
@@ -354,7 +377,8 @@ def render_html(report: dict, images: list[tuple[str, bytes]]) -> str:
            f"<title>minigpt compare: {e(report['run'])}</title><style>{CSS}</style></head><body>",
            f"<h1>Run {e(report['run'])}: every stage on {report['prompts']} held-out prompts</h1>",
            f"<p>{e(HOW_TO_READ)}</p>"] + ([f"<p class=warn><b>{e(report['gold_note'])}</b></p>"]
-                                            if report.get("gold_note") else [])
+                                            if report.get("gold_note") else []) + \
+          ([f"<p><b>Which method won.</b> {e(report['winner'])}</p>"] if report.get("winner") else [])
     for title, header, rows in tables(report):
         out += [f"<h2>{e(title)}</h2><table><tr>" + cells(header, "th") + "</tr>",
                 *("<tr>" + cells(r) + "</tr>" for r in rows), "</table>"]
@@ -426,6 +450,8 @@ def main(argv=None):
     write_text_atomic(out_dir / "report.html", render_html(report, curve_images(run_dir)))
     write_json_atomic(out_dir / "report.json", report)  # last: Make's target
     print("\n" + render_table(report), flush=True)
+    if report.get("winner"):
+        print("\n" + report["winner"], flush=True)
     print(f"\nreport: {out_dir / 'report.html'} (also report.md, report.json)", flush=True)
 
 
