@@ -124,9 +124,9 @@ def test_ppo_on_two_processes(tiny_sft, tmp_path):
     log = (stage / "train.log").read_text()
     assert "world_size=2" in log
     assert log.count("replicas agree: all 2 processes hold the same weights") == 2  # policy and value model
-    assert log.count("held-out prompts") == 3  # evaluated before, at step 2 and after, by rank 0
+    assert log.count(": gold sampled") == 3  # evaluated before (saved), at step 2 and after, by rank 0
     assert json.loads((stage / "metrics.json").read_text())["world_size"] == 2
-    assert_written_once(stage, "PPO policy on")
+    assert_written_once(stage, "PPO policy: gold sampled")
     steps = [row["step"] for row in map(json.loads, (stage / "metrics.jsonl").read_text().splitlines())
              if "rm_score" in row]
     assert steps == [1, 2, 3, 4]  # one row per step: only rank 0 logs
