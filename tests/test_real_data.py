@@ -31,8 +31,8 @@ def test_real_data_recipe_end_to_end(tmp_path):
     assert ppo["gold_before"] is None and ppo["gold_after"] is None and ppo["kl"] >= 0
     assert any("judge records" in line for line in ppo["verdict"])
     report = read("compare/report.json")
-    assert "judge records" in report["note"] and report["stages"]["ppo"]["rm_score"] is not None
-    assert report["stages"]["ppo"]["gold_score"] is None
+    assert "judge records" in report["gold_note"] and report["stages"]["ppo"]["rm_sampled"] is not None
+    assert report["stages"]["ppo"]["gold_sampled"] is None and "judge records" in report["stages"]["ppo"]["gold"]
     assert "judge records" in result.stdout
     settings = read("settings.json")
     assert settings["data"] == {"pretrain": str(stories), "sft": str(chat), "reward": str(prefs),
