@@ -160,8 +160,18 @@ $(R)/grpo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/grpo
 alternatives: $(R)/ppo/metrics.json $(R)/dpo/metrics.json $(R)/grpo/metrics.json
 	@echo "minigpt: PPO, DPO and GRPO of runs/$(RUN) are done"
 
+# `make all` runs up to ALL_ROUNDS rounds of sample → rank → reward model → PPO (round 1 is the
+# pipeline's own; each later one starts from the last policy, minigpt/rounds.py), starting another
+# only while the run should still end within ALL_BUDGET seconds: cpu up to 3 rounds in its 20 minutes,
+# tiny and gpu one. `make rlhf ROUNDS=N` runs N whatever the time.
+ALL_ROUNDS ?= $(if $(filter cpu,$(RUN_PRESET)),3,1)
+ALL_BUDGET ?= $(if $(filter cpu,$(RUN_PRESET)),1140,0)
+ALL_ROUNDS_DONE := $(if $(filter all,$(MAKECMDGOALS)),$(if $(filter-out 1,$(ALL_ROUNDS)),$(R)/rounds/summary.json))
+$(R)/rounds/summary.json: $(R)/ppo/metrics.json
+	$(PY) -m minigpt.rounds --run $(RUN) --runs-root $(RUNS_ROOT) --rounds $(ALL_ROUNDS) --time-budget $(ALL_BUDGET) --seed $(RUN_SEED) --preset $(RUN_PRESET) --launch "$(LAUNCH)"
+
 compare: $(R)/compare/report.json
-$(R)/compare/report.json: $(R)/ppo/metrics.json $(R)/.settings/compare
+$(R)/compare/report.json: $(R)/ppo/metrics.json $(ALL_ROUNDS_DONE) $(R)/.settings/compare
 	$(PY) -m minigpt.compare --run $(RUN) --runs-root $(RUNS_ROOT) --seed $(RUN_SEED) --preset $(RUN_PRESET) $(call data_arg,--sft-data,$(RUN_SFT_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_COMPARE_ARGS)
 
 all: compare

@@ -35,8 +35,9 @@ from minigpt.checkpoint import load_causal_lm
 from minigpt.config import EvalConfig, default_preset, load_config
 from minigpt.data import load_dialogues
 from minigpt.evaluation import (add_reward_scores, best_of_n, calibration, eval_records, evaluate, headline,
-                                load_evaluation, load_reward_scorer, pair, pick_fewshot_examples, summarise)
+                                load_evaluation, pair, pick_fewshot_examples, summarise)
 from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
+from minigpt.reward_model import load_reward_scorer
 from minigpt.run import run_main, setup_logging, write_json_atomic, write_text_atomic
 from minigpt.tokenizer import Tokenizer
 
@@ -165,7 +166,7 @@ def collect(run_dir: Path, config: EvalConfig, eval_data=None, sft_data=None) ->
     reference = None
     if is_finished(run_dir / "sft"):
         reference = load_causal_lm(run_dir / "sft").eval().requires_grad_(False).to(device)
-    reward = load_reward_scorer(run_dir / "reward", device)
+    reward = load_reward_scorer(run_dir / "reward", device, confidence_model=reference)
     if reward is None:
         log.info("compare: no finished reward model in %s; reward-model scores are left null", run_dir / "reward")
     evaluations = {}

@@ -163,6 +163,7 @@ class RewardConfig:
     save_steps: int = 50
     max_time: float = 0.0
     sources: str = "judge"  # judge | human | both
+    confidence: bool = True  # add the SFT model's confidence in the response, weighted by the rankings
 
     PRESETS: typing.ClassVar[dict] = {
         "tiny": dict(epochs=1.0, max_steps=12, prompts_per_batch=4, eval_steps=6,

@@ -34,7 +34,7 @@ from minigpt.config import EvalConfig, to_dict
 from minigpt.data import load_prompts
 from minigpt.judge import NO_JUDGE_NOTE, has_judge_records, score
 from minigpt.ppo import repetition_rate, sequence_kl
-from minigpt.reward_model import score_conversations
+from minigpt.reward_model import RewardScorer
 from minigpt.sampling import SamplingConfig, generate_in_batches
 from minigpt.stats import bootstrap_ci, paired_gain, significance, spearman, win_rate
 
@@ -105,38 +105,6 @@ def answer_fewshot(model, tokenizer, records, examples, sampling: SamplingConfig
         responses.append(text.split("\n")[0].strip())
         finished.append(ended or "\n" in text)
     return Answers(responses, finished, out.tokens)
-
-
-# ---- the reward model as the evaluation reads it ---------------------------------------------------
-
-@dataclass
-class RewardScorer:
-    """A reward model's scores, normalised with its stage's mean/std (the scale PPO optimises)."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    mean: float = 0.0
-    std: float = 1.0
-
-    def __call__(self, records, responses) -> list[float]:
-        if not responses:
-            return []
-        raw = score_conversations(self.model, self.tokenizer, [r["messages"] for r in records], responses)
-        return ((raw - self.mean) / self.std).tolist()
-
-
-def load_reward_scorer(folder: Path, device=None) -> RewardScorer | None:
-    """The reward model in `folder` with its normalisation, or None when it is not finished."""
-    from minigpt.checkpoint import load_sequence_classifier, read_manifest
-    from minigpt.tokenizer import Tokenizer
-
-    if not (folder / "metrics.json").exists():
-        return None
-    stats = read_manifest(folder).get("metrics") or {}
-    model = load_sequence_classifier(folder).eval().requires_grad_(False)
-    if device is not None:
-        model.to(device)
-    return RewardScorer(model, Tokenizer.load(folder), stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0) or 1.0)
 
 
 # ---- evaluate --------------------------------------------------------------------------------------

@@ -27,12 +27,11 @@ from types import SimpleNamespace
 import torch
 from datasets import Dataset
 
-from minigpt.checkpoint import load_sequence_classifier, read_manifest
-from minigpt.evaluation import (RewardScorer, add_reward_scores, before_after_metrics, eval_records, evaluate, headline,
+from minigpt.evaluation import (add_reward_scores, before_after_metrics, eval_records, evaluate, headline,
                                 load_evaluation, log_examples, pair, summarise)
 from minigpt.ppo import prompt_and_response_batch, response_logprobs
 from minigpt.ranking import ranking_pairs
-from minigpt.reward_model import score_conversations
+from minigpt.reward_model import RewardScorer, load_reward_scorer
 from minigpt.trainer_glue import common_training_arguments, per_device_batch, world_size
 
 log = logging.getLogger(__name__)
@@ -130,41 +129,35 @@ def pair_margins(model, tokenizer, rows: list[dict], max_length: int = 256, batc
 # ---- GRPO: the reward model as a reward function ---------------------------------------------------
 
 class RewardModelReward:
-    """The run's reward model as a TRL reward function: normalised, clipped, penalised like PPO's reward.
+    """The run's reward as a TRL reward function: normalised, clipped, penalised like PPO's reward.
 
-    The score is (raw − reward_mean) / reward_std with the reward stage's statistics over the SFT
-    samples (so 0 is a typical SFT answer), clipped to ±`clip`, plus `no_end_penalty` for an answer
-    that never reached `<|end|>`: the same reward PPO optimises, so the two compare like with like.
+    The score is the reward stage's `RewardScorer` (head + SFT confidence, (raw − reward_mean) /
+    reward_std over the SFT samples, so 0 is a typical SFT answer), clipped to ±`clip`, plus
+    `no_end_penalty` for an answer that never reached `<|end|>`: the same reward PPO optimises, so
+    the two compare like with like.
     """
 
     __name__ = "reward_model"  # TRL logs `rewards/<name>/mean`
 
-    def __init__(self, reward_model, tokenizer, mean: float = 0.0, std: float = 1.0, clip: float = 5.0,
-                 no_end_penalty: float = 0.0):
-        self.reward_model = reward_model.eval().requires_grad_(False)
-        self.tokenizer, self.mean, self.std = tokenizer, mean, std or 1.0
-        self.clip, self.no_end_penalty = clip, no_end_penalty
+    def __init__(self, scorer: RewardScorer, clip: float = 5.0, no_end_penalty: float = 0.0):
+        self.scorer, self.clip, self.no_end_penalty = scorer, clip, no_end_penalty
 
     @classmethod
-    def load(cls, reward_dir: Path, tokenizer, **kwargs) -> "RewardModelReward":
-        """From a reward stage folder, with the normalisation its manifest records."""
-        stats = read_manifest(reward_dir).get("metrics", {})
-        return cls(load_sequence_classifier(reward_dir), tokenizer, stats.get("reward_mean", 0.0),
-                   stats.get("reward_std", 1.0), **kwargs)
+    def load(cls, reward_dir: Path, **kwargs) -> "RewardModelReward":
+        """From a reward stage folder, with the weights and normalisation its manifest records."""
+        scorer = load_reward_scorer(reward_dir)
+        if scorer is None:
+            raise FileNotFoundError(f"{reward_dir}: no finished reward model (metrics.json)")
+        return cls(scorer, **kwargs)
 
     def to(self, device) -> "RewardModelReward":
-        self.reward_model.to(device)
+        self.scorer.to(device)
         return self
-
-    def normalised(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
-        """(raw − mean) / std per response: the reward-model score every stage reports."""
-        raw = score_conversations(self.reward_model, self.tokenizer, prompts, responses)
-        return (raw - self.mean) / self.std
 
     def __call__(self, prompts, completions, completion_ids, **kwargs) -> list[float]:
         texts = [c[-1]["content"].strip() if isinstance(c, list) else c.strip() for c in completions]
-        scores = self.normalised(prompts, texts).clamp(-self.clip, self.clip)
-        ended = [bool(ids) and ids[-1] == self.tokenizer.end_id for ids in completion_ids]
+        scores = self.scorer.normalised(prompts, texts).clamp(-self.clip, self.clip)
+        ended = [bool(ids) and ids[-1] == self.scorer.tokenizer.end_id for ids in completion_ids]
         return [s + (0.0 if e else self.no_end_penalty) for s, e in zip(scores.tolist(), ended)]
 
 
@@ -229,7 +222,7 @@ def evaluate_against_sft(model, sft, sft_dir: Path, tokenizer, data_dir: Path, p
     scorer = None
     if reward is not None:
         reward.to(device)
-        scorer = RewardScorer(reward.reward_model, tokenizer, reward.mean, reward.std)
+        scorer = reward.scorer
     before_eval = load_evaluation(sft_dir / "evaluation.json", config, records)
     if before_eval is None:
         before_eval = evaluate(sft, tokenizer, records, config, name="sft", is_reference=True)

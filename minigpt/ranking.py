@@ -86,3 +86,29 @@ def split_by_prompt(rankings: list[dict], fraction: float, seed: int = 0) -> tup
     train = [r for r in rankings if json.dumps(r["prompt"], sort_keys=True) not in held_out]
     val = [r for r in rankings if json.dumps(r["prompt"], sort_keys=True) in held_out]
     return train, val
+
+
+def fit_pairwise_weights(groups: list[tuple[list[list[float]], list[int]]], l2: float = 1e-3) -> list[float]:
+    """Weights w of a linear score w·x that orders each prompt's responses as its ranking does.
+
+    `groups` = [(features of each response, ranks), …] one per prompt; the fit minimises the same
+    −log σ(s_better − s_worse) as `ranking_loss`, over every pair (features standardised for the fit,
+    weights returned in the features' own units). A logistic regression: convex, so LBFGS finds it.
+    """
+    differences = [[a - b for a, b in zip(features[i], features[j])]
+                   for features, ranks in groups for i, j in ranking_pairs(ranks)]
+    if not differences:
+        raise ValueError("fit_pairwise_weights: the rankings have no comparisons (every response tied)")
+    x = torch.tensor(differences, dtype=torch.float64)
+    scale = x.std(0).clamp_min(1e-8)
+    weights = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.softplus(-(x / scale) @ weights).mean() + l2 * weights.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return (weights.detach() / scale).tolist()

@@ -1,4 +1,5 @@
-"""The reward model: the SFT GPT with a scalar `score` head, trained on K-way rankings.
+"""The reward model: the SFT GPT with a scalar `score` head, trained on K-way rankings, plus the SFT
+model's confidence in the response.
 
 Why a K-way collator on top of TRL's RewardTrainer rather than pairs expanded into rows: TRL knows
 only (chosen, rejected) pairs, and expanding K responses into C(K,2) rows would score each response
@@ -6,11 +7,24 @@ K−1 times and scatter one prompt's comparisons over different batches (Instruc
 overfits). Here a batch row is a whole prompt: its K responses are scored once, and the loss is
 over all of the prompt's pairs together. RewardTrainer still runs everything else: optimisation,
 evaluation, logging, checkpoints and resume.
+
+Why a confidence term: a scalar head trained on a few hundred rankings learns style (full sentence,
+short, ends cleanly) but hardly learns to check a sum, a fact or a passage; the knowledge that can
+check them sits in the language model's next-token predictions. Where a sampled answer says "6
+take away 0 leaves 5", the SFT model gave the "6" a low probability. So the reward is
+
+    r = w_head · head(response) + w_confidence · mean log π_SFT(response tokens, its end included)
+
+with the two weights fitted on the training rankings by the same pairwise loss (`fit_pairwise_weights`),
+after the head is trained: the rankings alone decide how much the confidence counts (zero if it does
+not help). It reads the reward from the model's own next-token probabilities, as generative verifiers
+do (Zhang et al. 2024), without a question-and-answer format the small model never saw.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from trl import RewardTrainer
@@ -97,3 +111,103 @@ def score_conversations(reward_model, tokenizer, prompts: list[list[dict]], resp
         ids, mask = left_pad(sequences[start:start + batch_size], tokenizer.pad_id, device)
         scores.append(reward_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float())
     return torch.cat(scores) if scores else torch.zeros(0)
+
+
+@torch.no_grad()
+def response_confidence(language_model, tokenizer, prompts: list[list[dict]], responses: list[str],
+                        max_length: int = 256, batch_size: int = 64) -> torch.Tensor:
+    """Mean log-probability (n,) that `language_model` gives each response's tokens, its <|end|> included."""
+    device = next(language_model.parameters()).device
+    rows = []
+    for prompt, response in zip(prompts, responses):
+        ids = encode_response(tokenizer, prompt, response, max_length)
+        n_response = len(tokenizer.encode(response)) + 1  # + <|end|>
+        rows.append((ids, min(n_response, len(ids) - 1)))
+    out = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        input_ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        scored = torch.zeros((len(chunk), width - 1))
+        for k, (ids, n) in enumerate(chunk):  # right padding; the response is the last n tokens
+            input_ids[k, :len(ids)] = torch.tensor(ids)
+            attention_mask[k, :len(ids)] = 1
+            scored[k, len(ids) - 1 - n:len(ids) - 1] = 1
+        input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
+        logits = language_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+        out.append((logp * scored).sum(1) / scored.sum(1).clamp_min(1))
+    return torch.cat(out).cpu() if out else torch.zeros(0)
+
+
+@dataclass
+class RewardScorer:
+    """The reward as every stage reads it: w_head · head + w_confidence · SFT confidence (see the module
+    docstring), normalised as (raw − mean)/std with the reward stage's statistics over the SFT samples,
+    so 0 is a typical SFT answer and 1 is one standard deviation better: the scale PPO optimises."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    mean: float = 0.0
+    std: float = 1.0
+    confidence_model: torch.nn.Module | None = None  # the SFT language model; needed when confidence_weight ≠ 0
+    head_weight: float = 1.0
+    confidence_weight: float = 0.0
+    max_length: int = 256
+
+    def raw(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
+        score = self.head_weight * score_conversations(self.model, self.tokenizer, prompts, responses,
+                                                       self.max_length).cpu()
+        if self.confidence_weight:
+            if self.confidence_model is None:
+                raise ValueError("RewardScorer: confidence_weight is set but no confidence_model (the SFT model)")
+            score = score + self.confidence_weight * response_confidence(
+                self.confidence_model, self.tokenizer, prompts, responses, self.max_length)
+        return score
+
+    def normalised(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
+        return (self.raw(prompts, responses) - self.mean) / self.std
+
+    def __call__(self, records, responses) -> list[float]:
+        """Normalised scores of responses to prompt records (dicts with `messages`)."""
+        if not responses:
+            return []
+        return self.normalised([r["messages"] for r in records], responses).tolist()
+
+    def to(self, device) -> "RewardScorer":
+        self.model.to(device)
+        if self.confidence_model is not None:
+            self.confidence_model.to(device)
+        return self
+
+
+def load_reward_scorer(folder: Path, device=None, confidence_model=None) -> "RewardScorer | None":
+    """The reward model in `folder` with its weights and normalisation, or None when it is not finished.
+
+    The confidence term needs the SFT model the reward model started from (its manifest's parent);
+    pass it as `confidence_model` when it is already loaded (PPO's reference is that model)."""
+    from minigpt.checkpoint import load_causal_lm, load_sequence_classifier, read_manifest
+    from minigpt.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    if not (folder / "metrics.json").exists():
+        return None
+    manifest = read_manifest(folder)
+    stats = manifest.get("metrics") or {}
+    confidence_weight = stats.get("confidence_weight", 0.0) or 0.0
+    if confidence_weight and confidence_model is None:
+        parent = Path(manifest.get("parent", ""))
+        if not (parent / "config.json").exists():
+            parent = folder.parent / "sft"
+        if not (parent / "config.json").exists():
+            raise FileNotFoundError(f"{folder}: the reward model's confidence term needs its SFT model "
+                                    f"({manifest.get('parent')}), which is not there")
+        confidence_model = load_causal_lm(parent)
+    if confidence_model is not None:
+        confidence_model = confidence_model.eval().requires_grad_(False)
+    scorer = RewardScorer(load_sequence_classifier(folder).eval().requires_grad_(False), Tokenizer.load(folder),
+                          stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0) or 1.0,
+                          confidence_model if confidence_weight else None, stats.get("head_weight", 1.0),
+                          confidence_weight, stats.get("max_length", 256))
+    return scorer.to(device) if device is not None else scorer

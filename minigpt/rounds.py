@@ -6,12 +6,17 @@ Round 1 is the pipeline's own samples → reward → ppo. Each later round n:
   3. ppo      — PPO from the newest policy against that reward model → rounds/n/ppo/
 (the KL anchor stays the SFT model). A summary shows reward-model accuracy and gold score per round.
 Each step is the ordinary stage command, so every round folder is an ordinary stage folder.
+
+`--time-budget S` (what `make all` uses): start another round only if the run, timed from its
+first output (data/stats.json), would still end within S seconds, estimating the round's cost by
+the one before it. `make all` on the cpu preset thereby runs as many rounds as its 20 minutes allow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 import shlex
 import subprocess
 import sys
@@ -48,6 +53,22 @@ def run_round(n: int, run_dir: Path, common: list[str], launch: list[str], pytho
         subprocess.run(command, check=True)
 
 
+def round_seconds(run_dir: Path, n: int) -> float:
+    """Wall time round n took: from its parent's end (SFT's for round 1) to its PPO's end."""
+    start = run_dir / "sft" / "metrics.json" if n == 1 else stage_folders(run_dir, n - 1)["ppo"] / "metrics.json"
+    return (stage_folders(run_dir, n)["ppo"] / "metrics.json").stat().st_mtime - start.stat().st_mtime
+
+
+def fits_in_budget(run_dir: Path, n: int, budget: float, now: float | None = None) -> tuple[bool, str]:
+    """Whether round n, costing what round n−1 did, ends within `budget` seconds of the run's start."""
+    now = time.time() if now is None else now
+    elapsed = now - (run_dir / "data" / "stats.json").stat().st_mtime
+    cost = round_seconds(run_dir, n - 1)
+    fits = elapsed + cost <= budget
+    return fits, (f"round {n}: {elapsed:.0f} s since the run began + {cost:.0f} s (round {n - 1}'s time) "
+                  f"{'<=' if fits else '>'} the {budget:.0f} s budget")
+
+
 def summarise(run_dir: Path, rounds: int) -> list[dict]:
     rows = []
     for n in range(1, rounds + 1):
@@ -76,6 +97,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default=None)
     parser.add_argument("--launch", default=sys.executable, help="how reward/ppo are launched (python or accelerate)")
+    parser.add_argument("--time-budget", type=float, default=0.0,
+                        help="seconds from the run's start: start a round only if it should end within them (0: none)")
     args = parser.parse_args(argv)
     run_dir = Path(args.runs_root) / args.run
     if not (run_dir / "ppo" / "metrics.json").exists():
@@ -84,9 +107,16 @@ def main(argv=None):
     common = ["--run", args.run, "--runs-root", args.runs_root, "--seed", str(args.seed)]
     if args.preset:
         common += ["--preset", args.preset]
+    done = 1
     for n in range(2, args.rounds + 1):
+        if args.time_budget and not (stage_folders(run_dir, n)["ppo"] / "metrics.json").exists():
+            fits, why = fits_in_budget(run_dir, n, args.time_budget)
+            print(why + ("" if fits else f": stopping after {done} round{'s' * (done > 1)}"), flush=True)
+            if not fits:
+                break
         run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable])
-    rows = summarise(run_dir, args.rounds)
+        done = n
+    rows = summarise(run_dir, done)
     write_json_atomic(run_dir / "rounds" / "summary.json", rows)
     print(f"\n{'round':>5}  {'RM pair acc':>11}  {'gold before':>11}  {'gold after':>10}  {'gain [95% CI]':>24}"
           f"  {'KL':>6}  healthy")

@@ -71,7 +71,7 @@ def main():
              "val_margin": held_out.get("eval_rewards/margins"), "train_time_sec": round(train_time, 1),
              "steps": trainer.state.global_step}
     reward_dir = args.stage_dir("reward")
-    reward = RewardModelReward.load(reward_dir, tokenizer) if (reward_dir / "metrics.json").exists() else None
+    reward = RewardModelReward.load(reward_dir) if (reward_dir / "metrics.json").exists() else None
     eval_source = args.eval_data or args.run_dir / "data"
     comparison, evaluation = evaluate_against_sft(model, sft, parent, tokenizer, eval_source, args.preset, reward, "dpo")
     final.update(comparison)

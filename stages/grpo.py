@@ -3,7 +3,7 @@
     python stages/grpo.py --run default --preset cpu [steps=40 k=8 beta=0.1 ...]
 
 Policy and KL reference from runs/<RUN>/sft; the reward model from runs/<RUN>/reward, normalised
-with its manifest's reward_mean/reward_std, clipped and penalised for never ending exactly as PPO's
+with its manifest's weights and reward_mean/reward_std, clipped and penalised for never ending exactly as PPO's
 reward (minigpt/preference.py); prompts from the run's PPO prompt set (or --data). No value model:
 the group is the baseline. Before and after, the held-out evaluation prompts are answered and
 scored by the gold judge and the reward model, with the KL to SFT. Writes runs/<RUN>/grpo/.
@@ -41,7 +41,7 @@ def main():
 
     # --- train ------------------------------------------------------------------------------------------
     tokenizer = Tokenizer.load(parent)
-    reward = RewardModelReward.load(reward_dir, tokenizer, clip=config.reward_clip,
+    reward = RewardModelReward.load(reward_dir, clip=config.reward_clip,
                                     no_end_penalty=config.no_end_penalty)
     metrics = MetricsLog(out / "metrics.jsonl", is_main, resume_step=0 if latest_checkpoint(out) else None)
     started = time.time()

@@ -21,13 +21,14 @@ from minigpt.checkpoint import (clear_resume_state, load_causal_lm, load_resume_
                                 make_manifest, read_manifest, save_model, save_resume_state)
 from minigpt.config import EvalConfig, PPOConfig, load_config, to_dict
 from minigpt.data import load_prompts
-from minigpt.evaluation import (RewardScorer, add_reward_scores, before_after_metrics, eval_records, evaluate, headline, load_evaluation,
+from minigpt.evaluation import (add_reward_scores, before_after_metrics, eval_records, evaluate, headline, load_evaluation,
                                 log_examples, pair, plot_overoptimisation, summarise)
 from minigpt.ppo import (AdaptiveKLController, TokenValueModel, assign_rewards, health_verdict, make_rollout,
                          ppo_update, rollout_stats)
 from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
 from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves, run_main,
                          require_stage, setup_logging, write_json_atomic, write_text_atomic)
+from minigpt.reward_model import load_reward_scorer
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import agree_max, check_replicas_agree, require_data_parallel
 from minigpt.training import make_accelerator, seed_everything
@@ -70,10 +71,13 @@ def main():
     tokenizer = Tokenizer.load(policy_dir)
     policy = load_causal_lm(policy_dir)
     reference = load_causal_lm(sft_dir).eval().requires_grad_(False)  # the KL anchor is always the SFT model
-    reward_model = load_sequence_classifier(reward_dir).eval().requires_grad_(False)
-    reward_stats = read_manifest(reward_dir).get("metrics", {})
-    reward_mean, reward_std = reward_stats.get("reward_mean", 0.0), reward_stats.get("reward_std", 1.0) or 1.0
-    value_model = TokenValueModel(load_sequence_classifier(reward_dir), reward_mean, reward_std)
+    # the reward: head + SFT confidence (the reference is that SFT model), normalised as the reward stage saved
+    scorer = load_reward_scorer(reward_dir, confidence_model=reference)
+    if scorer is None:
+        raise SystemExit(f"error: {reward_dir} has no finished reward model (metrics.json); run `make reward`")
+    # the critic reads the head at every token, on the reward's scale: (w_head · head − w_head · head_mean) / std
+    head_mean = read_manifest(reward_dir).get("metrics", {}).get("head_mean", scorer.mean)
+    value_model = TokenValueModel(load_sequence_classifier(reward_dir), head_mean, scorer.std / scorer.head_weight)
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -94,7 +98,7 @@ def main():
     policy, value_model, policy_optimizer, value_optimizer = accelerator.prepare(
         policy, value_model, policy_optimizer, value_optimizer)
     device = accelerator.device
-    reference.to(device), reward_model.to(device)
+    reference.to(device), scorer.to(device)
     raw_policy = accelerator.unwrap_model(policy)
     raw_value = accelerator.unwrap_model(value_model)
 
@@ -109,8 +113,6 @@ def main():
         raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} and minibatch_size={config.minibatch_size} "
                          f"count rollouts over all processes and must both be divisible by {world} processes")
     per_process = config.prompts_per_step // world
-
-    scorer = RewardScorer(reward_model, tokenizer, reward_mean, reward_std)
 
     def reward_fn_for(records):
         def reward_fn(response_tokens, finished):

@@ -5,8 +5,10 @@
 Starts from runs/<RUN>/sft with a scalar score head and trains on runs/<RUN>/samples (judge rankings,
 human rankings from `make label`, or both), or on --data: any rankings or preference pairs the
 loaders accept (HH-RLHF, OpenAssistant ranked replies, chosen/rejected pairs). Held-out prompts
-measure pairwise and top-1 accuracy and Kendall τ; the reward mean and std over the SFT samples are
-saved for PPO to normalise with. Writes runs/<RUN>/reward/.
+measure pairwise and top-1 accuracy and Kendall τ. The reward is the trained head plus the SFT
+model's confidence in the response, their two weights fitted on the training rankings (see
+minigpt/reward_model.py; `confidence=false` keeps the head alone); the weights and the reward's
+mean and std over the SFT samples are saved for PPO to normalise with. Writes runs/<RUN>/reward/.
 """
 
 import logging
@@ -18,10 +20,11 @@ from trl import RewardConfig as TRLRewardConfig
 from minigpt.checkpoint import load_causal_lm, load_sequence_classifier, make_manifest, save_model
 from minigpt.config import EvalConfig, RewardConfig, load_config
 from minigpt.data import DataError, load_rankings
-from minigpt.evaluation import RewardScorer, best_of_n, eval_records
+from minigpt.evaluation import best_of_n, eval_records
 from minigpt.judge import has_judge_records
-from minigpt.ranking import ranking_metrics, ranking_pairs, split_by_prompt
-from minigpt.reward_model import RankingCollator, RankingRewardTrainer, encode_rankings, score_conversations
+from minigpt.ranking import fit_pairwise_weights, ranking_metrics, ranking_pairs, split_by_prompt
+from minigpt.reward_model import (RankingCollator, RankingRewardTrainer, RewardScorer, encode_rankings,
+                                  response_confidence, score_conversations)
 from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
@@ -87,27 +90,44 @@ def main():
         return
     model = trainer.model.eval()
 
-    # --- held-out ranking quality, and the reward scale PPO normalises with ---------------------------
-    def rewards_of(records):
+    # --- the reward: the trained head plus the SFT model's confidence, weighted by the rankings -------
+    sft_model = load_causal_lm(parent).eval()
+
+    def features_of(records):
+        """Per prompt: [(head, confidence) per response] and its ranks."""
         prompts = [r["prompt"] for r in records for _ in r["responses"]]
         responses = [x for r in records for x in r["responses"]]
-        flat = score_conversations(model, tokenizer, prompts, responses, config.max_length).tolist()
+        head = score_conversations(model, tokenizer, prompts, responses, config.max_length).tolist()
+        confidence = response_confidence(sft_model, tokenizer, prompts, responses, config.max_length).tolist()
         groups, k = [], 0
         for r in records:
-            groups.append((flat[k:k + len(r["responses"])], r["ranks"]))
-            k += len(r["responses"])
-        return groups, flat
+            n = len(r["responses"])
+            groups.append((list(zip(head[k:k + n], confidence[k:k + n])), r["ranks"]))
+            k += n
+        return groups
 
-    val_groups, _ = rewards_of(val_rankings)
-    quality = ranking_metrics(val_groups)
+    train_groups, val_groups = features_of(train_rankings), features_of(val_rankings)
+    head_weight, confidence_weight = (fit_pairwise_weights(train_groups) if config.confidence else (1.0, 0.0))
+    combined = lambda groups: [([head_weight * h + confidence_weight * c for h, c in features], ranks)  # noqa: E731
+                               for features, ranks in groups]
+    quality = ranking_metrics(combined(val_groups))
+    head_only = ranking_metrics([([h for h, _ in f], ranks) for f, ranks in val_groups])
+    confidence_only = ranking_metrics([([c for _, c in f], ranks) for f, ranks in val_groups])
     sft_samples = [r for r in rankings if str(r.get("policy", "")).rstrip("/").endswith("sft")] or rankings
-    _, all_rewards = rewards_of(sft_samples)
+    sft_groups = features_of(sft_samples)
+    all_rewards = [x for scores, _ in combined(sft_groups) for x in scores]
     final = {"pairwise_accuracy": quality.pairwise_accuracy, "top1_accuracy": quality.top1_accuracy,
              "kendall_tau": quality.kendall_tau, "reward_mean": statistics.fmean(all_rewards),
              "reward_std": statistics.pstdev(all_rewards) or 1.0, "val_prompts": quality.n_prompts,
-             "val_pairs": quality.n_pairs, "train_prompts": len(train_rows)}
-    log.info("reward model on held-out prompts: pairwise accuracy %.3f, top-1 %.3f, Kendall tau %.3f",
-             quality.pairwise_accuracy, quality.top1_accuracy, quality.kendall_tau)
+             "val_pairs": quality.n_pairs, "train_prompts": len(train_rows),
+             "head_weight": head_weight, "confidence_weight": confidence_weight,
+             "head_mean": statistics.fmean(h for f, _ in sft_groups for h, _ in f), "max_length": config.max_length,
+             "head_pairwise_accuracy": head_only.pairwise_accuracy,
+             "confidence_pairwise_accuracy": confidence_only.pairwise_accuracy}
+    log.info("reward model on held-out prompts: pairwise accuracy %.3f (head alone %.3f, SFT confidence alone %.3f), "
+             "top-1 %.3f, Kendall tau %.3f; reward = %.3f x head %+.3f x confidence", quality.pairwise_accuracy,
+             head_only.pairwise_accuracy, confidence_only.pairwise_accuracy, quality.top1_accuracy,
+             quality.kendall_tau, head_weight, confidence_weight)
     final["labelled_prompts"] = len(rankings)
     final["labelled_comparisons"] = sum(len(ranking_pairs(r["ranks"])) for r in rankings)
 
@@ -118,8 +138,9 @@ def main():
     eval_source = args.eval_data or args.run_dir / "data"
     eval_prompts = eval_records(eval_source, eval_config) if args.eval_data or eval_source.is_dir() else []
     if has_judge_records(eval_prompts):
-        scorer = RewardScorer(model, tokenizer, final["reward_mean"], final["reward_std"])
-        best = best_of_n(load_causal_lm(parent).eval(), tokenizer, eval_prompts, scorer, eval_config)
+        scorer = RewardScorer(model, tokenizer, final["reward_mean"], final["reward_std"], sft_model,
+                              head_weight, confidence_weight, config.max_length)
+        best = best_of_n(sft_model, tokenizer, eval_prompts, scorer, eval_config)
         write_json_atomic(out / "best_of_n.json", best)
         for n in eval_config.best_of_n_values:
             row = best[str(n)]

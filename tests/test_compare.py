@@ -29,7 +29,8 @@ def test_compare_writes_one_finite_entry_per_stage(compared):
     for name in ("report.md", "report.html", "report.json"):
         assert (run_dir / "compare" / name).exists(), name
     report = json.loads((run_dir / "compare" / "report.json").read_text())
-    assert list(report["stages"]) == list(STAGES)
+    # the shared tiny run may also hold dpo/grpo, when their tests ran first
+    assert list(report["stages"])[:len(STAGES)] == list(STAGES) and set(report["stages"]) <= {*STAGES, "dpo", "grpo"}
     for name, stage in report["stages"].items():
         for key in ("gold_sampled", "gold_greedy", "rm_sampled", "kl", "length"):
             value = stage[key]

@@ -65,3 +65,24 @@ def test_rlhf_rounds(tiny_ppo, tmp_path):
     round1 = json.loads((root / "t" / "ppo" / "metrics.json").read_text())
     assert summary[1]["gold_before"] == round1["gold_after"]
     assert summary[1]["gain_sampled_ci"][0] <= summary[1]["gain_sampled"] <= summary[1]["gain_sampled_ci"][1]
+    # `make all`'s time budget: a third round that would end past it is not started
+    budgeted = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "minigpt.rounds", "--run", "t", "--runs-root",
+                               str(root), "--preset", "tiny", "--rounds", "3", "--time-budget", "1"],
+                              cwd=REPO, capture_output=True, text=True, check=True)
+    assert "stopping after 2 rounds" in budgeted.stdout and not (root / "t" / "rounds" / "3").exists()
+    assert [r["round"] for r in json.loads((root / "t" / "rounds" / "summary.json").read_text())] == [1, 2]
+
+
+def test_a_round_is_started_only_if_it_fits_the_time_budget(tmp_path):
+    import os
+
+    from minigpt.rounds import fits_in_budget
+
+    run = tmp_path / "r"
+    for name, when in [("data/stats.json", 0), ("sft/metrics.json", 600), ("ppo/metrics.json", 900)]:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("{}")
+        os.utime(run / name, (when, when))
+    assert fits_in_budget(run, 2, budget=1200, now=900)[0]  # 900 s in + round 1's 300 s = 1200
+    fits, why = fits_in_budget(run, 2, budget=1200, now=901)
+    assert not fits and "300 s" in why

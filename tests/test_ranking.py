@@ -3,7 +3,9 @@ import random
 
 import torch
 
-from minigpt.ranking import ranking_loss, ranking_metrics, ranking_pairs, ranks_from_scores
+import pytest
+
+from minigpt.ranking import fit_pairwise_weights, ranking_loss, ranking_metrics, ranking_pairs, ranks_from_scores
 from minigpt.reward_model import RankingCollator
 
 
@@ -73,3 +75,20 @@ def test_metrics_on_known_scores():
     assert mixed.n_prompts == 1  # an all-tied prompt has nothing to compare
     assert abs(mixed.pairwise_accuracy - 2 / 3) < 1e-9 and abs(mixed.kendall_tau - 1 / 3) < 1e-9
     assert mixed.top1_accuracy == 0.0
+
+
+def test_pairwise_weights_recover_the_feature_that_decides_the_ranking():
+    rng = random.Random(0)
+    groups = []
+    for _ in range(60):  # feature 0 is noise, feature 1 (in large units) decides the ranks
+        features = [[rng.gauss(0, 1), rng.gauss(0, 100)] for _ in range(4)]
+        groups.append((features, ranks_from_scores([f[1] for f in features])))
+    w_noise, w_signal = fit_pairwise_weights(groups)
+    assert w_signal > 0 and abs(w_noise) * 1 < w_signal * 100 / 5  # in standardised units the signal dominates
+    scored = [([w_noise * a + w_signal * b for a, b in features], ranks) for features, ranks in groups]
+    assert ranking_metrics(scored).pairwise_accuracy > 0.97
+
+
+def test_pairwise_weights_refuse_rankings_without_a_comparison():
+    with pytest.raises(ValueError, match="no comparisons"):
+        fit_pairwise_weights([([[1.0], [2.0]], [0, 0])])

@@ -3,6 +3,7 @@ trees, the reward model on HH-RLHF pairs, PPO on OpenAssistant prompts, evaluati
 No gold judge: every stage reports what it can and says that gold figures need judge records."""
 
 import json
+import math
 
 import pytest
 from conftest import SHARED_DATA, make
@@ -28,7 +29,7 @@ def test_real_data_recipe_end_to_end(tmp_path):
     reward = read("reward/metrics.json")
     assert 0 <= reward["pairwise_accuracy"] <= 1 and reward["val_pairs"] > 0
     ppo = read("ppo/metrics.json")
-    assert ppo["gold_before"] is None and ppo["gold_after"] is None and ppo["kl"] >= 0
+    assert ppo["gold_before"] is None and ppo["gold_after"] is None and math.isfinite(ppo["kl"])  # a sample estimate: may dip below 0
     assert any("judge records" in line for line in ppo["verdict"])
     report = read("compare/report.json")
     assert "judge records" in report["gold_note"] and report["stages"]["ppo"]["rm_sampled"] is not None

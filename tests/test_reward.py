@@ -84,3 +84,45 @@ def test_ppo_killed_after_a_periodic_save_resumes_and_finishes(tiny_ppo, tmp_pat
     assert json.loads((out / "metrics.json").read_text())["steps"] == 8
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(set(s for s in steps if s > 0)) == list(range(1, 9))
+
+
+def test_reward_combines_the_head_with_the_sft_confidence_by_fitted_weights(tiny_ppo):
+    import torch
+
+    from minigpt.checkpoint import load_causal_lm
+    from minigpt.data import load_prompts
+    from minigpt.reward_model import load_reward_scorer, response_confidence, score_conversations
+
+    run = tiny_ppo / "t"
+    metrics = json.loads((run / "reward" / "metrics.json").read_text())
+    for key in ("head_weight", "confidence_weight", "head_pairwise_accuracy", "confidence_pairwise_accuracy"):
+        assert key in metrics
+    scorer = load_reward_scorer(run / "reward")
+    assert (scorer.confidence_model is not None) == bool(metrics["confidence_weight"])
+    records = load_prompts(run / "data", "eval")[:3]
+    prompts = [r["messages"] for r in records]
+    responses = ["The answer is four.", "Hello there friend.", "Mara lives in Oakfield."]
+    sft = load_causal_lm(run / "sft").eval()
+    head = score_conversations(scorer.model, scorer.tokenizer, prompts, responses)
+    confidence = response_confidence(sft, scorer.tokenizer, prompts, responses)
+    expected = (metrics["head_weight"] * head + metrics["confidence_weight"] * confidence
+                - metrics["reward_mean"]) / metrics["reward_std"]
+    assert torch.allclose(torch.tensor(scorer(records, responses)), expected, atol=1e-4)
+
+
+def test_confidence_is_the_mean_log_probability_of_the_response_and_its_end(tiny_sft):
+    import torch
+
+    from minigpt.checkpoint import load_causal_lm
+    from minigpt.reward_model import response_confidence
+    from minigpt.tokenizer import Tokenizer
+
+    tokenizer, model = Tokenizer.load(tiny_sft), load_causal_lm(tiny_sft).eval()
+    prompt, response = [{"role": "user", "content": "What is two plus two?"}], "Two plus two is four."
+    ids, _ = tokenizer.encode_chat(prompt + [{"role": "assistant", "content": response}])
+    n = len(tokenizer.encode(response)) + 1
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    by_hand = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][-n:].mean()
+    batch = response_confidence(model, tokenizer, [prompt, prompt], [response, "No."])  # padding must not matter
+    assert torch.allclose(batch[0], by_hand, atol=1e-5) and batch[1] != batch[0]
