@@ -198,7 +198,9 @@ class PPOConfig:
     reward_clip: float = 5.0  # normalised reward-model score is clipped to ±this
     no_end_penalty: float = -1.0  # added to the score of a response that never ends
     target_approx_kl: float = 0.05  # stop this update's epochs early past this
-    ptx_coef: float = 0.0  # PPO-ptx: weight of the pretraining loss mixed in
+    ptx_coef: float = 0.0  # PPO-ptx (InstructGPT): weight of a next-token loss on pretraining text in each update
+    ptx_batch_size: int = 4  # pretraining sequences per PPO minibatch (global)
+    ptx_block_size: int = 128
     eval_every: int = 8  # steps between held-out evaluations (the over-optimisation curve's points)
     save_every: int = 10
     max_time: float = 0.0

@@ -50,12 +50,35 @@ def read_best_of_n(reward_dir: Path, eval_config) -> dict | None:
     return best if best.get("config") == to_dict(eval_config) else None
 
 
+def pretraining_batches(run_dir: Path, config, seed: int, world: int, rank: int):
+    """PPO-ptx's source: `make_batches(step)` → a function drawing this process's share of one
+    (inputs, targets) batch of the run's pretraining text per call, reproducible by step (resume)."""
+    import itertools
+
+    import numpy as np
+
+    from minigpt.token_data import TokenBlocks
+
+    path = run_dir / "tokens" / "train.npy"
+    if not path.exists():
+        raise SystemExit(f"error: ptx_coef={config.ptx_coef} mixes pretraining text into PPO, but {path} "
+                         f"(the pretraining stage's tokens) is not there; run `make pretrain` or leave ptx_coef=0")
+    blocks = TokenBlocks(np.load(path, mmap_mode="r"), config.ptx_block_size)
+    share = max(1, config.ptx_batch_size // world)
+
+    def make_batches(step: int):
+        draws = itertools.count()
+
+        def next_batch():
+            offsets = blocks.random_offsets(step * 1000 + next(draws), share * world, seed)
+            return blocks.blocks(offsets[rank * share:(rank + 1) * share])
+        return next_batch
+    return make_batches
+
+
 def main():
     args = parse_stage_args("ppo", extra=extra_arguments)
     config = load_config(PPOConfig, args.preset, args.overrides)
-    if config.ptx_coef > 0:
-        raise SystemExit("error: ptx_coef > 0 (PPO-ptx) is not supported: this stage has no pretraining batches to "
-                         "mix in; leave ptx_coef=0")
     accelerator = make_accelerator()
     require_data_parallel(accelerator)
     out = args.out_dir
@@ -113,6 +136,7 @@ def main():
         raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} and minibatch_size={config.minibatch_size} "
                          f"count rollouts over all processes and must both be divisible by {world} processes")
     per_process = config.prompts_per_step // world
+    ptx_batches = pretraining_batches(args.run_dir, config, args.seed, world, rank) if config.ptx_coef > 0 else None
 
     def reward_fn_for(records):
         def reward_fn(response_tokens, finished):
@@ -165,6 +189,7 @@ def main():
                                    tokenizer, generator)
             assign_rewards(rollout, kl_control.beta, config, accelerator)
             update = ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout, config, accelerator,
+                                ptx_batch_fn=ptx_batches(step) if ptx_batches else None,
                                 generator=torch.Generator().manual_seed(args.seed + step))
             stats = rollout_stats(rollout, accelerator)
             kl_control.update(stats["kl"], config.prompts_per_step)  # n = rollouts this step (horizon in rollouts)

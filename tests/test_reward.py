@@ -126,3 +126,21 @@ def test_confidence_is_the_mean_log_probability_of_the_response_and_its_end(tiny
     by_hand = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][-n:].mean()
     batch = response_confidence(model, tokenizer, [prompt, prompt], [response, "No."])  # padding must not matter
     assert torch.allclose(batch[0], by_hand, atol=1e-5) and batch[1] != batch[0]
+
+
+def test_ppo_ptx_mixes_pretraining_text_into_the_updates(tiny_ppo, tmp_path):
+    out = tmp_path / "ppo"
+    run_stage("ppo", tiny_ppo, "--out", str(out), "steps=2", "eval_every=1000", "ptx_coef=1.0", "ptx_block_size=32")
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ptx = [row["ptx_loss"] for row in curve if "ptx_loss" in row]
+    assert len(ptx) == 2 and all(0 < x < 20 for x in ptx)  # a next-token loss in nats, every step
+
+
+def test_ppo_ptx_without_pretraining_tokens_is_one_clear_error(tiny_ppo, tmp_path):
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(tiny_ppo, root, symlinks=True)
+    shutil.rmtree(root / "t" / "tokens")
+    result = run_stage("ppo", root, "--out", str(tmp_path / "ppo"), "steps=1", "ptx_coef=1.0", check=False)
+    assert result.returncode == 2 and "tokens/train.npy" in result.stderr and "Traceback" not in result.stderr
