@@ -65,7 +65,7 @@ class PtyChat:
             written = os.write(self.master, data[:4096])
             data = data[written:]
 
-    def expect(self, needle: str, since: int = 0, timeout: float = 30.0) -> int:
+    def expect(self, needle: str, since: int = 0, timeout: float = 120.0) -> int:  # generous: shared, busy cores
         """Wait until `needle` appears after position `since`; return the position just past it."""
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -89,7 +89,7 @@ class PtyChat:
 def test_interactive_session_on_a_terminal(tiny_sft):
     chat = PtyChat(tiny_sft)
     try:
-        at = chat.expect("you: ", timeout=60)
+        at = chat.expect("you: ", timeout=180)
         chat.send("/max 8\r")
         at = chat.expect("you: ", chat.expect("(max new tokens = 8)", at))
         chat.send("Who is Ada?\r")
