@@ -324,13 +324,32 @@ def user_error_types() -> tuple:
     return DataError, CheckpointError, ConfigError, SettingsError, StageBusyError
 
 
+def finish_processes() -> None:
+    """Under a launcher, wait for every process to finish its stage, then close the process group.
+
+    The main process alone evaluates and saves; a helper process that simply returned would exit with
+    the group still open, and its communication threads can abort at interpreter exit (SIGABRT,
+    "terminate called without an active exception"), which makes the launcher kill the main process
+    mid-evaluation. Waiting here, then closing the group on every process, ends the run cleanly.
+    """
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_main(main, *args):
     """Run a command's `main`: a user error (bad data, override, preset, a missing or damaged checkpoint,
     a busy folder) prints one or two lines and exits 2; a bug keeps its traceback. MINIGPT_DEBUG=1
     shows the traceback of everything."""
     debug = os.environ.get("MINIGPT_DEBUG", "") not in ("", "0")
     try:
-        return main(*args)
+        result = main(*args)
+        finish_processes()
+        return result
     except SystemExit as stop:  # `raise SystemExit("error: ...")` in the stages: a message for people
         if debug or not isinstance(stop.code, str):
             raise

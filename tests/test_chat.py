@@ -5,6 +5,7 @@ import fcntl
 import io
 import os
 import pty
+import signal
 import subprocess
 import termios
 import threading
@@ -41,6 +42,7 @@ class PtyChat:
         def become_terminal_owner():
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background launcher may have set it to ignore
 
         self.proc = subprocess.Popen([PYTHON, "-c", SLOW_CHAT, "--ckpt", str(ckpt)], stdin=slave, stdout=slave,
                                      stderr=slave, cwd=REPO, env=ENV, preexec_fn=become_terminal_owner)

@@ -152,6 +152,7 @@ def test_missing_samples_and_a_broken_human_file_are_reported_clearly(runs_root,
 
 def _take_terminal():
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)  # the pty becomes the controlling terminal, so ^C sends SIGINT
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background launcher may have set it to ignore
 
 
 class Terminal:
