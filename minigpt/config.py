@@ -178,6 +178,10 @@ class PPOConfig:
     prompts_per_step: int = 64  # rollouts per step (global)
     minibatch_size: int = 16  # global, split over processes
     ppo_epochs: int = 2
+    # gae: a value model (the reward model's head at every token) is the baseline; rloo: critic-free,
+    # each prompt answered samples_per_prompt times and each answer's baseline is the others' mean
+    advantage: str = "gae"
+    samples_per_prompt: int = 1  # answers per prompt in a step (prompts_per_step counts answers); rloo needs >= 2
     lr: float = 3e-5
     value_lr: float = 1e-4
     max_new_tokens: int = 48

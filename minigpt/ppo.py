@@ -5,7 +5,9 @@ One PPO step (InstructGPT / Ziegler et al. 2019):
   2. score     — the frozen reward model scores each answer (normalised with the reward stage's
                  mean/std, clipped; an answer that never ends is penalised);
   3. rewards   — per token: −β·KL(policy‖reference) at every token, plus the score at the last one;
-  4. advantage — GAE(γ, λ) with the value model's estimates, whitened over the global batch;
+  4. advantage — GAE(γ, λ) with the value model's estimates, whitened over the global batch; or,
+                 critic-free (`advantage=rloo`, Ahmadian et al. 2024), each answer's return minus the
+                 mean return of the other answers to the same prompt (k answers per prompt);
   5. update    — a few epochs over minibatches of the clipped policy loss and clipped value loss,
                  stopped early when the policy moved too far (approximate KL past a bound);
   6. β         — adapted so the KL to the reference stays near its target.
@@ -75,6 +77,26 @@ def gae_advantages(rewards, values, mask, gamma: float, lam: float):
         next_value = torch.where(real.bool(), values[:, t], next_value)
         next_advantage = torch.where(real.bool(), advantage, next_advantage)
     return advantages, (advantages + values) * mask
+
+
+def leave_one_out_advantages(returns, group_size: int, accelerator=None):
+    """RLOO: A_i = R_i − mean of R_j over the other answers j to the same prompt, scaled to unit std.
+
+    `returns` (B,) holds `group_size` consecutive answers per prompt. The baseline is the prompt's own,
+    so what the reward model scores alike for every answer to a prompt (how hard the prompt is, how
+    likely its words are) cancels; only the ranking *within* a prompt — what a reward model trained on
+    rankings of one prompt's answers knows — moves the policy. Unbiased: R_i's baseline excludes R_i.
+    """
+    k = group_size
+    if k < 2 or returns.numel() % k:
+        raise ValueError(f"rloo needs groups of k >= 2 answers per prompt; got k={k} for {returns.numel()} rollouts")
+    grouped = returns.view(-1, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    advantages = (grouped - baseline).reshape(-1)
+    squares = torch.stack([(advantages ** 2).sum(), torch.tensor(float(advantages.numel()), device=returns.device)])
+    if accelerator is not None and accelerator.num_processes > 1:
+        squares = accelerator.reduce(squares, reduction="sum")
+    return advantages * torch.rsqrt(squares[0] / squares[1] + 1e-8)  # already centred per prompt: scale only
 
 
 def clipped_policy_loss(logprobs, old_logprobs, advantages, mask, clip_range: float):
@@ -192,7 +214,7 @@ class Rollout:
     finished: list[bool]
     logprobs: torch.Tensor  # (B, R) under the policy that sampled
     ref_logprobs: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None  # None without a value model (rloo)
     scores: torch.Tensor  # (B,) the reward before the KL penalty (normalised, clipped, penalised)
     raw_scores: torch.Tensor  # (B,) what the reward function returned
     kl: torch.Tensor  # (B, R) per-token KL estimate
@@ -218,7 +240,8 @@ def make_rollout(policy, reference, value_model, reward_fn, prompts: list[list[i
 
     logprobs = response_logprobs(policy, ids, attention_mask, P) * mask
     ref_logprobs = response_logprobs(reference, ids, attention_mask, P) * mask
-    values = token_values(value_model, ids, attention_mask, P) * mask
+    # critic-free (rloo) runs have no value model: their baseline is the prompt's other answers
+    values = token_values(value_model, ids, attention_mask, P) * mask if value_model is not None else None
     raw = reward_fn(out.tokens, out.finished).to(device).float()
     scores = raw.clamp(-config.reward_clip, config.reward_clip)
     scores = scores + torch.tensor([0.0 if f else config.no_end_penalty for f in out.finished], device=device)
@@ -228,12 +251,22 @@ def make_rollout(policy, reference, value_model, reward_fn, prompts: list[list[i
 
 
 def assign_rewards(rollout: Rollout, beta: float, config, accelerator=None) -> None:
-    """Per-token rewards (−β·KL, plus the score on the last token), GAE, whitened advantages."""
+    """Per-token rewards (−β·KL, plus the score on the last token), then the advantages.
+
+    gae: GAE with the value model, whitened. rloo: one return per answer (score − β·ΣKL), its
+    leave-one-out advantage spread over the answer's tokens; no value model.
+    """
     rewards = -beta * rollout.kl
     last = (rollout.mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(last)), last] += rollout.scores
-    advantages, returns = gae_advantages(rewards, rollout.values, rollout.mask, config.gamma, config.lam)
     rollout.rewards = rewards
+    if getattr(config, "advantage", "gae") == "rloo":
+        sequence_returns = rewards.sum(1)
+        advantages = leave_one_out_advantages(sequence_returns, config.samples_per_prompt, accelerator)
+        rollout.advantages = advantages[:, None] * rollout.mask
+        rollout.returns = sequence_returns[:, None] * rollout.mask
+        return
+    advantages, returns = gae_advantages(rewards, rollout.values, rollout.mask, config.gamma, config.lam)
     rollout.advantages = whiten(advantages, rollout.mask, accelerator)
     rollout.returns = returns
 
@@ -242,7 +275,8 @@ def ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout: 
                accelerator, ptx_batch_fn=None, generator=None) -> dict:
     """PPO epochs over minibatches; stops early when the approximate KL passes its bound."""
     policy.train()
-    value_model.train()
+    if value_model is not None:
+        value_model.train()
     B = rollout.ids.size(0)
     # minibatch_size counts the rollouts of all processes, as prompts_per_step does: each process
     # takes its share, so 1 and N processes make the same number of optimiser steps.
@@ -269,16 +303,17 @@ def ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout: 
             accelerator.clip_grad_norm_(policy.parameters(), config.grad_clip)
             policy_optimizer.step()
 
-            values = token_values(value_model, ids, attention, rollout.prompt_width)
-            v_loss = config.value_coef * clipped_value_loss(values, rollout.values[idx], rollout.returns[idx], mask,
-                                                            config.clip_range_value)
-            value_optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(v_loss)
-            accelerator.clip_grad_norm_(value_model.parameters(), config.grad_clip)
-            value_optimizer.step()
+            if value_model is not None:
+                values = token_values(value_model, ids, attention, rollout.prompt_width)
+                v_loss = config.value_coef * clipped_value_loss(values, rollout.values[idx], rollout.returns[idx],
+                                                                mask, config.clip_range_value)
+                value_optimizer.zero_grad(set_to_none=True)
+                accelerator.backward(v_loss)
+                accelerator.clip_grad_norm_(value_model.parameters(), config.grad_clip)
+                value_optimizer.step()
+                stats["value_loss"].append(v_loss.item())
 
             stats["policy_loss"].append(loss.item())
-            stats["value_loss"].append(v_loss.item())
             stats["entropy"].append(masked_mean(entropy.detach(), mask).item())
             stats["clip_fraction"].append(clip_fraction.item())
             stats["approx_kl"].append(approx_kl.item())
@@ -296,10 +331,6 @@ def ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout: 
 def rollout_stats(rollout: Rollout, accelerator=None) -> dict:
     """What one rollout says about the policy: score, KL, length, ends, repetition, value fit."""
     mask = rollout.mask
-    returns, values = rollout.returns, rollout.values
-    real = mask.bool()
-    var_returns = returns[real].var() if real.sum() > 1 else torch.tensor(0.0)
-    explained = 1 - (returns[real] - values[real]).var() / var_returns if var_returns > 0 else torch.tensor(0.0)
     stats = {
         "rm_score": rollout.raw_scores.mean().item(),
         "score": rollout.scores.mean().item(),
@@ -307,8 +338,12 @@ def rollout_stats(rollout: Rollout, accelerator=None) -> dict:
         "response_length": mask.sum(1).mean().item(),
         "end_rate": sum(rollout.finished) / len(rollout.finished),
         "repetition_rate": sum(repetition_rate(t) for t in rollout.response_tokens) / len(rollout.response_tokens),
-        "explained_variance": explained.item(),
     }
+    if rollout.values is not None:  # how well the critic predicts the returns
+        returns, values, real = rollout.returns, rollout.values, mask.bool()
+        var_returns = returns[real].var() if real.sum() > 1 else torch.tensor(0.0)
+        explained = 1 - (returns[real] - values[real]).var() / var_returns if var_returns > 0 else torch.tensor(0.0)
+        stats["explained_variance"] = explained.item()
     if accelerator is not None and accelerator.num_processes > 1:
         keys = list(stats)
         reduced = accelerator.reduce(torch.tensor([stats[k] for k in keys], device=rollout.ids.device), "mean")

@@ -76,6 +76,19 @@ def pretraining_batches(run_dir: Path, config, seed: int, world: int, rank: int)
     return make_batches
 
 
+def check_advantage_config(config, world: int) -> None:
+    """One clear error for an advantage setting that cannot run (before any model is loaded)."""
+    k = config.samples_per_prompt
+    if config.advantage not in ("gae", "rloo"):
+        raise SystemExit(f"error: advantage={config.advantage!r}: expected gae (value model) or rloo (critic-free)")
+    if k < 1 or (config.advantage == "rloo" and k < 2):
+        raise SystemExit(f"error: samples_per_prompt={k}: rloo compares each answer with the prompt's other "
+                         f"answers, so it needs samples_per_prompt >= 2 (e.g. 4)")
+    if (config.prompts_per_step // world) % k:
+        raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} answers over {world} processes must give "
+                         f"each process whole groups of samples_per_prompt={k} answers to one prompt")
+
+
 def main():
     args = parse_stage_args("ppo", extra=extra_arguments)
     config = load_config(PPOConfig, args.preset, args.overrides)
@@ -99,31 +112,36 @@ def main():
     if scorer is None:
         raise SystemExit(f"error: {reward_dir} has no finished reward model (metrics.json); run `make reward`")
     # the critic reads the head at every token, on the reward's scale: (w_head · head − w_head · head_mean) / std
-    head_mean = read_manifest(reward_dir).get("metrics", {}).get("head_mean", scorer.mean)
-    value_model = TokenValueModel(load_sequence_classifier(reward_dir), head_mean, scorer.std / scorer.head_weight)
+    check_advantage_config(config, world)
+    value_model = None  # rloo is critic-free
+    if config.advantage == "gae":
+        head_mean = read_manifest(reward_dir).get("metrics", {}).get("head_mean", scorer.mean)
+        value_model = TokenValueModel(load_sequence_classifier(reward_dir), head_mean, scorer.std / scorer.head_weight)
     if config.lora:
         from peft import LoraConfig, get_peft_model
 
         policy = get_peft_model(policy, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
                                                    target_modules=["qkv", "proj", "fc"], task_type="CAUSAL_LM"))
     policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr)
-    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=config.value_lr)
+    value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=config.value_lr) if value_model else None
     kl_control = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon, config.adaptive_kl)
 
     resume_key = {k: v for k, v in to_dict(config).items() if k != "max_time"}
     state = load_resume_state(out, policy, policy_optimizer, expect={"config": resume_key, "policy": str(policy_dir)})
     if state:
-        value_model.load_state_dict(state["tensors"]["value_model"])
-        value_optimizer.load_state_dict(state["tensors"]["value_optimizer"])
+        if value_model is not None:
+            value_model.load_state_dict(state["tensors"]["value_model"])
+            value_optimizer.load_state_dict(state["tensors"]["value_optimizer"])
         kl_control.load_state_dict(state["kl_control"])
         log.info("resuming from step %d", state["step"])
     start_step = state["step"] if state else 0
-    policy, value_model, policy_optimizer, value_optimizer = accelerator.prepare(
-        policy, value_model, policy_optimizer, value_optimizer)
+    policy, policy_optimizer = accelerator.prepare(policy, policy_optimizer)
+    if value_model is not None:
+        value_model, value_optimizer = accelerator.prepare(value_model, value_optimizer)
     device = accelerator.device
     reference.to(device), scorer.to(device)
     raw_policy = accelerator.unwrap_model(policy)
-    raw_value = accelerator.unwrap_model(value_model)
+    raw_value = accelerator.unwrap_model(value_model) if value_model is not None else None
 
     # --- prompts: each process takes its share of every step's global batch ------------------------------
     data = args.data or args.run_dir / "data"
@@ -181,9 +199,11 @@ def main():
                 log.info("wall-clock budget reached at step %d", step)
                 break
             generator = torch.Generator(device=device).manual_seed(args.seed * 100_003 + step * world + rank)
+            # prompts_per_step answers: distinct prompts, each answered samples_per_prompt times in a row
             order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed + step))
-            chosen = order[:config.prompts_per_step].tolist()[rank * per_process:(rank + 1) * per_process]
-            records = [prompts[i % len(prompts)] for i in chosen]
+            k = config.samples_per_prompt
+            chosen = [i for i in order[:config.prompts_per_step // k].tolist() for _ in range(k)]
+            records = [prompts[i % len(prompts)] for i in chosen[rank * per_process:(rank + 1) * per_process]]
             encoded = [tokenizer.encode_prompt(r["messages"]) for r in records]
             rollout = make_rollout(raw_policy, reference, raw_value, reward_fn_for(records), encoded, config,
                                    tokenizer, generator)
@@ -209,7 +229,8 @@ def main():
                                       None, {"step": step, "config": resume_key, "policy": str(policy_dir),
                                              "kl_control": kl_control.state_dict()},
                                       extra_tensors={"value_model": raw_value.state_dict(),
-                                                     "value_optimizer": value_optimizer.state_dict()})
+                                                     "value_optimizer": value_optimizer.state_dict()}
+                                      if raw_value is not None else {})
                 accelerator.wait_for_everyone()
             if interrupted:
                 exit_interrupted(out)
@@ -217,7 +238,8 @@ def main():
 
     # --- after: the same evaluation, the verdict, the checkpoint -------------------------------------------
     check_replicas_agree(accelerator, policy)
-    check_replicas_agree(accelerator, value_model)
+    if value_model is not None:
+        check_replicas_agree(accelerator, value_model)
     accelerator.wait_for_everyone()
     if is_main:
         final_policy = raw_policy.merge_and_unload() if config.lora else raw_policy

@@ -1,11 +1,12 @@
 from pathlib import Path
 
+import pytest
 import torch
 
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from minigpt.ppo import (AdaptiveKLController, TokenValueModel, assign_rewards, clipped_policy_loss,
-                         clipped_value_loss, gae_advantages, health_verdict, kl_penalty, make_rollout, ppo_update,
-                         whiten)
+                         clipped_value_loss, gae_advantages, health_verdict, kl_penalty, leave_one_out_advantages,
+                         make_rollout, ppo_update, whiten)
 
 
 def test_gae_and_returns_against_a_hand_computed_example():
@@ -136,8 +137,8 @@ class ToyConfig:
     grad_clip, target_approx_kl, ptx_coef = 1.0, 1.0, 0.0
 
 
-def test_ppo_learns_to_say_the_rewarded_token():
-    """A toy reward that pays for token 7 in the answer: after a few PPO steps token 7 is more frequent."""
+def train_toy_policy(advantage: str) -> tuple[float, float]:
+    """A toy reward that pays for token 7 in the answer: (its mean before, after 15 steps of PPO)."""
     from accelerate import Accelerator
 
     torch.manual_seed(0)
@@ -146,29 +147,55 @@ def test_ppo_learns_to_say_the_rewarded_token():
     reference = MiniGPTForCausalLM(config)
     reference.load_state_dict(policy.state_dict())
     reference.requires_grad_(False)
-    value_model = TokenValueModel(MiniGPTForSequenceClassification(config))
+    critic_free = advantage == "rloo"
+    value_model = None if critic_free else TokenValueModel(MiniGPTForSequenceClassification(config))
     accelerator = Accelerator(cpu=True)
     policy_optimizer = torch.optim.Adam(policy.parameters(), lr=3e-3)
-    value_optimizer = torch.optim.Adam(value_model.parameters(), lr=3e-3)
-    prompts = [[2, 3, 4]] * 32
+    value_optimizer = None if critic_free else torch.optim.Adam(value_model.parameters(), lr=3e-3)
+    prompts = [[2, 3, 4]] * 16 + [[5, 6]] * 16 if critic_free else [[2, 3, 4]] * 32
+    toy = type("RLOOConfig", (ToyConfig,), {"advantage": "rloo", "samples_per_prompt": 4}) if critic_free else ToyConfig
 
     def reward_fn(tokens, finished):
         return torch.tensor([float(sum(t == 7 for t in row)) / 6 for row in tokens])
 
     def frequency():
-        rollout = make_rollout(policy, reference, value_model, reward_fn, prompts, ToyConfig, ToyTokenizer,
+        rollout = make_rollout(policy, reference, value_model, reward_fn, prompts, toy, ToyTokenizer,
                                torch.Generator().manual_seed(123))
         return rollout.raw_scores.mean().item()
 
     before = frequency()
     for step in range(15):
-        rollout = make_rollout(policy, reference, value_model, reward_fn, prompts, ToyConfig, ToyTokenizer,
+        rollout = make_rollout(policy, reference, value_model, reward_fn, prompts, toy, ToyTokenizer,
                                torch.Generator().manual_seed(step))
-        assign_rewards(rollout, beta=0.01, config=ToyConfig)
-        ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout, ToyConfig, accelerator,
+        assign_rewards(rollout, beta=0.01, config=toy)
+        ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout, toy, accelerator,
                    generator=torch.Generator().manual_seed(step))
-    after = frequency()
+    return before, frequency()
+
+
+def test_ppo_learns_to_say_the_rewarded_token():
+    before, after = train_toy_policy("gae")
     assert after > before + 0.1, (before, after)
+
+
+def test_critic_free_rloo_learns_to_say_the_rewarded_token():
+    before, after = train_toy_policy("rloo")
+    assert after > before + 0.1, (before, after)
+
+
+def test_leave_one_out_advantage_against_a_hand_computed_example():
+    # two prompts, k=3 answers each; prompt 2's returns are prompt 1's + 10: the same advantages
+    returns = torch.tensor([1.0, 2.0, 6.0, 11.0, 12.0, 16.0])
+    advantages = leave_one_out_advantages(returns, 3)
+    by_hand = torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5] * 2)  # R_i minus the mean of the other two
+    scale = by_hand.pow(2).mean().sqrt()
+    assert torch.allclose(advantages, by_hand / scale, atol=1e-5)
+    assert torch.allclose(advantages[:3], advantages[3:])  # a prompt-wide offset cancels
+    assert abs(advantages.view(2, 3).sum(1)).max() < 1e-5  # centred per prompt
+    with pytest.raises(ValueError, match="k >= 2"):
+        leave_one_out_advantages(returns, 1)
+    with pytest.raises(ValueError, match="groups"):
+        leave_one_out_advantages(returns, 4)
 
 
 def summary(**changes):

@@ -144,3 +144,18 @@ def test_ppo_ptx_without_pretraining_tokens_is_one_clear_error(tiny_ppo, tmp_pat
     shutil.rmtree(root / "t" / "tokens")
     result = run_stage("ppo", root, "--out", str(tmp_path / "ppo"), "steps=1", "ptx_coef=1.0", check=False)
     assert result.returncode == 2 and "tokens/train.npy" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ppo_critic_free_rloo_runs_without_a_value_model(tiny_ppo, tmp_path):
+    out = tmp_path / "ppo"
+    run_stage("ppo", tiny_ppo, "--out", str(out), "steps=2", "eval_every=1000", "advantage=rloo",
+              "samples_per_prompt=4")
+    curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [row for row in curve if "policy_loss" in row]
+    assert len(steps) == 2 and all("value_loss" not in row and "explained_variance" not in row for row in steps)
+    assert (out / "model.safetensors").exists() and json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_ppo_rloo_with_one_answer_per_prompt_is_one_clear_error(tiny_ppo, tmp_path):
+    result = run_stage("ppo", tiny_ppo, "--out", str(tmp_path / "ppo"), "steps=1", "advantage=rloo", check=False)
+    assert result.returncode == 2 and "samples_per_prompt" in result.stderr and "Traceback" not in result.stderr
