@@ -122,7 +122,13 @@ class MetricsLog:
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
         elif enabled and resume_step is None and self.path.exists():
-            self.path.unlink()
+            # A fresh start keeps the earlier run's curve beside the new one, rather than deleting it
+            # before the new run has finished anything (a run stopped early must not cost the old curve).
+            self.path.replace(self.previous_path)
+
+    @property
+    def previous_path(self) -> Path:
+        return self.path.with_name(self.path.stem + ".previous" + self.path.suffix)
 
     def log(self, **values) -> None:
         if not self.enabled:

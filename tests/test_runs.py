@@ -198,3 +198,18 @@ def test_an_unknown_preset_through_make_is_one_message(tmp_path):
     result = make_raw("data", tmp_path / "runs", "PRESET=huge")
     assert result.returncode == 2 and "unknown preset 'huge'" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_a_fresh_start_keeps_the_earlier_curve_and_a_resume_trims_it(tmp_path):
+    from minigpt.run import MetricsLog
+
+    path = tmp_path / "metrics.jsonl"
+    first = MetricsLog(path)
+    for step in (1, 2, 3):
+        first.log(step=step, loss=1.0 / step)
+    MetricsLog(path, resume_step=2).log(step=3, loss=0.2)  # resumed after step 2: step 3 is logged again
+    assert [row["step"] for row in MetricsLog(path, enabled=False).read()] == [1, 2, 3]
+    fresh = MetricsLog(path)  # a new run in the same folder (FORCE, changed settings)
+    assert not path.exists() and [row["loss"] for row in MetricsLog(fresh.previous_path, enabled=False).read()] == [1.0, 0.5, 0.2]
+    fresh.log(step=1, loss=2.0)
+    assert MetricsLog(path, enabled=False).read() == [{"step": 1, "loss": 2.0}]
