@@ -86,6 +86,31 @@ def test_ppo_killed_after_a_periodic_save_resumes_and_finishes(tiny_ppo, tmp_pat
     assert sorted(set(s for s in steps if s > 0)) == list(range(1, 9))
 
 
+def test_reward_killed_after_a_periodic_save_resumes_to_the_uninterrupted_result(tiny_ppo, tmp_path):
+    """kill -9 during reward-model training: the same command resumes from the last whole Trainer checkpoint
+    and ends where an uninterrupted run ends (held-out accuracy equal, reward scale to 1e-4: the Trainer
+    restores weights, optimizer, scheduler, data order and RNG)."""
+    settings = ["max_steps=12", "save_steps=4", "eval_steps=1000"]
+    baseline = tmp_path / "whole"
+    run_stage("reward", tiny_ppo, "--out", str(baseline), *settings)
+    out = tmp_path / "killed"
+    command = [PYTHON, "stages/reward.py", "--run", "t", "--preset", "tiny", "--runs-root", str(tiny_ppo),
+               "--out", str(out), *settings]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((out / "trainer").glob("checkpoint-*/checksums.json")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (out / "metrics.json").exists()
+    result = run_stage("reward", tiny_ppo, "--out", str(out), *settings)
+    assert "resuming from" in result.stderr + result.stdout
+    expected, got = (json.loads((d / "metrics.json").read_text()) for d in (baseline, out))
+    assert got["pairwise_accuracy"] == expected["pairwise_accuracy"]
+    for key in ("reward_mean", "reward_std", "head_weight"):
+        assert abs(got[key] - expected[key]) < 1e-4 * max(1.0, abs(expected[key])), key
+
+
 def test_reward_combines_the_head_with_the_sft_confidence_by_fitted_weights(tiny_ppo):
     import torch
 
