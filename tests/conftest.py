@@ -32,6 +32,23 @@ def run_stage(script: str, runs_root: Path, *args: str, run: str = "t", check: b
     return result
 
 
+def kill_after_trainer_checkpoint(stage: str, runs_root: Path, out: Path, *settings: str, timeout=240) -> None:
+    """Start a Trainer stage on the tiny preset, kill -9 it once its first whole periodic checkpoint is on
+    disk (no chance to save), and check that it left no finished result behind."""
+    import signal
+    import time
+
+    command = [PYTHON, f"stages/{stage}.py", "--run", "t", "--preset", "tiny", "--runs-root", str(runs_root),
+               "--out", str(out), *settings]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list((out / "trainer").glob("checkpoint-*/checksums.json")):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (out / "metrics.json").exists()
+
+
 def make(target: str, runs_root: Path, *variables: str, run: str = "t", timeout=900):
     """`make <target> PRESET=tiny` on a run in a temporary runs root: the pipeline as users run it."""
     cmd = ["make", target, "PRESET=tiny", f"RUN={run}", f"RUNS_ROOT={runs_root}", *variables]

@@ -3,7 +3,7 @@ import signal
 import subprocess
 import time
 
-from conftest import PYTHON, REPO, SHARED_DATA, run_stage
+from conftest import PYTHON, REPO, SHARED_DATA, kill_after_trainer_checkpoint, run_stage
 
 import pytest
 
@@ -94,15 +94,7 @@ def test_reward_killed_after_a_periodic_save_resumes_to_the_uninterrupted_result
     baseline = tmp_path / "whole"
     run_stage("reward", tiny_ppo, "--out", str(baseline), *settings)
     out = tmp_path / "killed"
-    command = [PYTHON, "stages/reward.py", "--run", "t", "--preset", "tiny", "--runs-root", str(tiny_ppo),
-               "--out", str(out), *settings]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "trainer").glob("checkpoint-*/checksums.json")):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert not (out / "metrics.json").exists()
+    kill_after_trainer_checkpoint("reward", tiny_ppo, out, *settings)
     result = run_stage("reward", tiny_ppo, "--out", str(out), *settings)
     assert "resuming from" in result.stderr + result.stdout
     expected, got = (json.loads((d / "metrics.json").read_text()) for d in (baseline, out))

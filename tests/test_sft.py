@@ -7,7 +7,7 @@ import time
 import torch
 from datasets import Dataset
 
-from conftest import PYTHON, REPO, run_stage
+from conftest import PYTHON, REPO, kill_after_trainer_checkpoint, run_stage
 from minigpt.checkpoint import load_causal_lm
 from minigpt.tokenizer import Tokenizer
 
@@ -111,15 +111,7 @@ def test_sft_killed_after_a_periodic_save_resumes_to_the_uninterrupted_result(ti
     baseline = tmp_path / "whole"
     run_stage("sft", tiny_pretrained, "--out", str(baseline), *settings)
     out = tmp_path / "killed"
-    command = [PYTHON, "stages/sft.py", "--run", "t", "--preset", "tiny", "--runs-root", str(tiny_pretrained),
-               "--out", str(out), *settings]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and not list((out / "trainer").glob("checkpoint-*/checksums.json")):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert not (out / "metrics.json").exists()
+    kill_after_trainer_checkpoint("sft", tiny_pretrained, out, *settings)
     result = run_stage("sft", tiny_pretrained, "--out", str(out), *settings)
     assert "resuming from" in result.stderr + result.stdout
     assert "taking over the lock left by pid" in result.stderr
