@@ -111,10 +111,10 @@ def main():
     scorer = load_reward_scorer(reward_dir, confidence_model=reference)
     if scorer is None:
         raise SystemExit(f"error: {reward_dir} has no finished reward model (metrics.json); run `make reward`")
-    # the critic reads the head at every token, on the reward's scale: (w_head · head − w_head · head_mean) / std
     check_advantage_config(config, world)
     value_model = None  # rloo is critic-free
     if config.advantage == "gae":
+        # the critic reads the head at every token, on the reward's scale: (w_head · head − w_head · head_mean) / std
         head_mean = read_manifest(reward_dir).get("metrics", {}).get("head_mean", scorer.mean)
         value_model = TokenValueModel(load_sequence_classifier(reward_dir), head_mean, scorer.std / scorer.head_weight)
     if config.lora:
