@@ -260,7 +260,7 @@ def assign_rewards(rollout: Rollout, beta: float, config, accelerator=None) -> N
     last = (rollout.mask.sum(1).long() - 1).clamp(min=0)
     rewards[torch.arange(len(last)), last] += rollout.scores
     rollout.rewards = rewards
-    if getattr(config, "advantage", "gae") == "rloo":
+    if config.advantage == "rloo":
         sequence_returns = rewards.sum(1)
         advantages = leave_one_out_advantages(sequence_returns, config.samples_per_prompt, accelerator)
         rollout.advantages = advantages[:, None] * rollout.mask

@@ -135,6 +135,7 @@ class ToyConfig:
     gamma, lam = 1.0, 0.95
     ppo_epochs, minibatch_size, clip_range, clip_range_value, value_coef = 2, 16, 0.2, 0.2, 0.5
     grad_clip, target_approx_kl, ptx_coef = 1.0, 1.0, 0.0
+    advantage, samples_per_prompt = "gae", 1
 
 
 def train_toy_policy(advantage: str) -> tuple[float, float]:
