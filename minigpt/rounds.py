@@ -35,15 +35,19 @@ def stage_folders(run_dir: Path, n: int) -> dict[str, Path]:
     return {s: round_dir(run_dir, n) / s for s in ("samples", "reward", "ppo")}
 
 
-def run_round(n: int, run_dir: Path, common: list[str], launch: list[str], python: list[str]) -> None:
+def run_round(n: int, run_dir: Path, common: list[str], launch: list[str], python: list[str],
+              stage_args: dict[str, list[str]] | None = None) -> None:
+    """Round n's three stages; `stage_args` are the run's own key=value overrides per stage (PPO_ARGS, ...),
+    so a round trains as round 1 did."""
     folders, previous = stage_folders(run_dir, n), stage_folders(run_dir, n - 1)
     policy = previous["ppo"]
+    extra = lambda stage: list((stage_args or {}).get(stage, []))  # noqa: E731
     steps = [
         (folders["samples"], python + ["stages/samples.py", *common, "--out", str(folders["samples"]),
-                                       f"policy={policy}"]),
-        (folders["reward"], launch + ["stages/reward.py", *common, "--out", str(folders["reward"])]),
+                                       *extra("samples"), f"policy={policy}"]),
+        (folders["reward"], launch + ["stages/reward.py", *common, "--out", str(folders["reward"]), *extra("reward")]),
         (folders["ppo"], launch + ["stages/ppo.py", *common, "--out", str(folders["ppo"]), "--policy", str(policy),
-                                   "--reward", str(folders["reward"])]),
+                                   "--reward", str(folders["reward"]), *extra("ppo")]),
     ]
     for folder, command in steps:
         if (folder / "metrics.json").exists():
@@ -97,6 +101,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default=None)
     parser.add_argument("--launch", default=sys.executable, help="how reward/ppo are launched (python or accelerate)")
+    for stage in ("samples", "reward", "ppo"):
+        parser.add_argument(f"--{stage}-args", default="", help=f"key=value overrides for every round's {stage} stage")
     parser.add_argument("--time-budget", type=float, default=0.0,
                         help="seconds from the run's start: start a round only if it should end within them (0: none)")
     args = parser.parse_args(argv)
@@ -114,7 +120,8 @@ def main(argv=None):
             print(why + ("" if fits else f": stopping after {done} round{'s' * (done > 1)}"), flush=True)
             if not fits:
                 break
-        run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable])
+        stage_args = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("samples", "reward", "ppo")}
+        run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable], stage_args)
         done = n
     rows = summarise(run_dir, done)
     write_json_atomic(run_dir / "rounds" / "summary.json", rows)

@@ -86,3 +86,17 @@ def test_a_round_is_started_only_if_it_fits_the_time_budget(tmp_path):
     assert fits_in_budget(run, 2, budget=1200, now=900)[0]  # 900 s in + round 1's 300 s = 1200
     fits, why = fits_in_budget(run, 2, budget=1200, now=901)
     assert not fits and "300 s" in why
+
+
+def test_every_round_runs_its_stages_with_the_runs_own_arguments(tmp_path, monkeypatch):
+    """PPO_ARGS (and SAMPLES_ARGS, REWARD_ARGS) reach round 2's stages, not only round 1's."""
+    from minigpt import rounds
+
+    commands = []
+    monkeypatch.setattr(rounds.subprocess, "run", lambda command, check: commands.append(command))
+    rounds.run_round(2, tmp_path / "r", ["--run", "r"], ["python"], ["python"],
+                     {"samples": ["k=6"], "reward": ["lr=3e-4"], "ppo": ["advantage=rloo", "samples_per_prompt=4"]})
+    samples, reward, ppo = commands
+    assert "k=6" in samples and samples[-1].startswith("policy=")  # the round's policy wins over any given
+    assert "lr=3e-4" in reward
+    assert ppo[-2:] == ["advantage=rloo", "samples_per_prompt=4"] and "--policy" in ppo
