@@ -174,14 +174,15 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
-    steps: int = 24  # rollout + update iterations
-    prompts_per_step: int = 64  # rollouts per step (global)
+    steps: int = 48  # rollout + update iterations
+    prompts_per_step: int = 64  # rollouts per step (global): prompts_per_step / samples_per_prompt prompts
     minibatch_size: int = 16  # global, split over processes
     ppo_epochs: int = 2
-    # gae: a value model (the reward model's head at every token) is the baseline; rloo: critic-free,
-    # each prompt answered samples_per_prompt times and each answer's baseline is the others' mean
-    advantage: str = "gae"
-    samples_per_prompt: int = 1  # answers per prompt in a step (prompts_per_step counts answers); rloo needs >= 2
+    # rloo (default): critic-free, each prompt answered samples_per_prompt times and each answer's baseline
+    # is the mean of the others (the reward model was trained on exactly such within-prompt rankings);
+    # gae: a value model (the reward model's head at every token) is the baseline
+    advantage: str = "rloo"
+    samples_per_prompt: int = 4  # answers per prompt in a step; rloo needs >= 2, gae takes 1 or more
     lr: float = 3e-5
     value_lr: float = 1e-4
     max_new_tokens: int = 48
@@ -205,8 +206,8 @@ class PPOConfig:
     ptx_coef: float = 0.0  # PPO-ptx (InstructGPT): weight of a next-token loss on pretraining text in each update
     ptx_batch_size: int = 4  # pretraining sequences per PPO minibatch (global)
     ptx_block_size: int = 128
-    eval_every: int = 8  # steps between held-out evaluations (the over-optimisation curve's points)
-    save_every: int = 10
+    eval_every: int = 16  # steps between held-out evaluations (the over-optimisation curve's points)
+    save_every: int = 16
     max_time: float = 0.0
     lora: bool = False
     lora_r: int = 16

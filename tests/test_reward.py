@@ -41,9 +41,11 @@ def test_reward_trains_on_real_preference_formats(tiny_sft, tmp_path, name):
 
 
 def test_interrupted_ppo_resumes(tiny_ppo, tmp_path):
+    """Ctrl-C and resume, with the value model (gae) so its weights and optimiser go through the resume state
+    too (the kill -9 test below runs the critic-free default)."""
     out = tmp_path / "ppo"
     args = ["--run", "t", "--preset", "tiny", "--runs-root", str(tiny_ppo), "--out", str(out), "steps=12",
-            "save_every=1000", "eval_every=1000"]
+            "save_every=1000", "eval_every=1000", "advantage=gae", "samples_per_prompt=1"]
     process = subprocess.Popen([PYTHON, "stages/ppo.py", *args], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     curve = out / "metrics.jsonl"
@@ -165,8 +167,7 @@ def test_ppo_ptx_without_pretraining_tokens_is_one_clear_error(tiny_ppo, tmp_pat
 
 def test_ppo_critic_free_rloo_runs_without_a_value_model(tiny_ppo, tmp_path):
     out = tmp_path / "ppo"
-    run_stage("ppo", tiny_ppo, "--out", str(out), "steps=2", "eval_every=1000", "advantage=rloo",
-              "samples_per_prompt=4")
+    run_stage("ppo", tiny_ppo, "--out", str(out), "steps=2", "eval_every=1000")  # rloo, 4 answers a prompt: the default
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in curve if "policy_loss" in row]
     assert len(steps) == 2 and all("value_loss" not in row and "explained_variance" not in row for row in steps)
@@ -174,5 +175,6 @@ def test_ppo_critic_free_rloo_runs_without_a_value_model(tiny_ppo, tmp_path):
 
 
 def test_ppo_rloo_with_one_answer_per_prompt_is_one_clear_error(tiny_ppo, tmp_path):
-    result = run_stage("ppo", tiny_ppo, "--out", str(tmp_path / "ppo"), "steps=1", "advantage=rloo", check=False)
+    result = run_stage("ppo", tiny_ppo, "--out", str(tmp_path / "ppo"), "steps=1", "advantage=rloo",
+                       "samples_per_prompt=1", check=False)
     assert result.returncode == 2 and "samples_per_prompt" in result.stderr and "Traceback" not in result.stderr
