@@ -200,6 +200,11 @@ class PPOConfig:
     adaptive_kl: bool = True
     kl_target: float = 2.0  # nats per response: the KL the adaptive β steers to (budget: 1.5x this)
     kl_horizon: int = 10000  # samples (Ziegler et al.): beta moves by at most 20% per this many rollouts
+    # KL(policy‖SFT) in nats per response at which the stage stops (0 = never): the mean over the last
+    # kl_stop_window steps' rollouts. Past about 1 nat the gold curve turned down while the reward model's
+    # score still rose (seeds 0 and 1), and an RLHF round that starts from the last policy starts near it.
+    kl_stop: float = 1.0
+    kl_stop_window: int = 4
     reward_clip: float = 5.0  # normalised reward-model score is clipped to ±this
     no_end_penalty: float = -1.0  # added to the score of a response that never ends
     target_approx_kl: float = 0.05  # stop this update's epochs early past this

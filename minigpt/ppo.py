@@ -142,6 +142,28 @@ class AdaptiveKLController:
         self.beta = state["beta"]
 
 
+class KLStop:
+    """Ends PPO once the policy has moved a given KL from the SFT model: the standard guard against
+    over-optimising a reward model (Gao et al. 2022), where a fixed step count is not.
+
+    The KL is each step's mean over its rollouts (nats per response, the budget's unit); the decision uses
+    the mean of the last `window` steps, so one noisy batch does not end the run.
+    """
+
+    def __init__(self, limit: float, window: int = 4):
+        self.limit, self.window, self.recent = limit, max(1, window), []
+
+    def exceeded(self, kl: float) -> bool:
+        self.recent = (self.recent + [kl])[-self.window:]
+        return self.limit > 0 and len(self.recent) == self.window and sum(self.recent) / self.window > self.limit
+
+    def state_dict(self):
+        return {"recent": list(self.recent)}
+
+    def load_state_dict(self, state):
+        self.recent = list(state.get("recent", []))
+
+
 def repetition_rate(tokens: list[int], n: int = 3) -> float:
     """Share of the response's n-grams that already appeared earlier in it."""
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]

@@ -89,6 +89,7 @@ def summarise(run_dir: Path, rounds: int) -> list[dict]:
                      "gold_greedy_before": ppo.get("gold_greedy_before"), "gold_greedy_after": ppo.get("gold_greedy_after"),
                      "gain_sampled": ppo.get("gain_sampled"), "gain_sampled_ci": ppo.get("gain_sampled_ci"),
                      "win_rate": ppo.get("win_rate"), "reward_after": ppo["reward_after"], "kl": ppo["kl"],
+                     "ppo_steps": ppo.get("steps"), "stopped_at_kl": ppo.get("stopped_at_kl"),
                      "healthy": ppo.get("healthy")})
     return rows
 

@@ -23,7 +23,7 @@ from minigpt.config import EvalConfig, PPOConfig, load_config, to_dict
 from minigpt.data import load_prompts
 from minigpt.evaluation import (add_reward_scores, before_after_metrics, eval_records, evaluate, headline, load_evaluation,
                                 log_examples, pair, plot_overoptimisation, summarise)
-from minigpt.ppo import (AdaptiveKLController, TokenValueModel, assign_rewards, health_verdict, make_rollout,
+from minigpt.ppo import (AdaptiveKLController, KLStop, TokenValueModel, assign_rewards, health_verdict, make_rollout,
                          ppo_update, rollout_stats)
 from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
 from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves, run_main,
@@ -125,6 +125,7 @@ def main():
     policy_optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr)
     value_optimizer = torch.optim.AdamW(value_model.parameters(), lr=config.value_lr) if value_model else None
     kl_control = AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon, config.adaptive_kl)
+    kl_stop = KLStop(config.kl_stop, config.kl_stop_window)
 
     resume_key = {k: v for k, v in to_dict(config).items() if k != "max_time"}
     state = load_resume_state(out, policy, policy_optimizer, expect={"config": resume_key, "policy": str(policy_dir)})
@@ -133,6 +134,7 @@ def main():
             value_model.load_state_dict(state["tensors"]["value_model"])
             value_optimizer.load_state_dict(state["tensors"]["value_optimizer"])
         kl_control.load_state_dict(state["kl_control"])
+        kl_stop.load_state_dict(state.get("kl_stop", {}))
         log.info("resuming from step %d", state["step"])
     start_step = state["step"] if state else 0
     policy, policy_optimizer = accelerator.prepare(policy, policy_optimizer)
@@ -191,6 +193,7 @@ def main():
     # --- the PPO loop -----------------------------------------------------------------------------------------
     started = time.time()
     step = start_step
+    stopped_at_kl = None
     bar = tqdm(total=config.steps, initial=start_step, desc="ppo", disable=not is_main)
     with GracefulInterrupt() as interrupt:
         while step < config.steps:
@@ -214,9 +217,15 @@ def main():
             stats = rollout_stats(rollout, accelerator)
             kl_control.update(stats["kl"], config.prompts_per_step)  # n = rollouts this step (horizon in rollouts)
             step += 1
+            if kl_stop.exceeded(stats["kl"]):  # the same on every process: stats are reduced over them
+                stopped_at_kl = sum(kl_stop.recent) / len(kl_stop.recent)
             metrics.log(step=step, beta=kl_control.beta, **stats, **update)
             bar.set_postfix(rm=f"{stats['rm_score']:+.2f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
             bar.update(1)
+            if stopped_at_kl is not None:
+                log.info("KL budget reached at step %d: %.2f nats/response over the last %d steps > kl_stop=%.2f",
+                         step, stopped_at_kl, config.kl_stop_window, config.kl_stop)
+                break
             if step % config.eval_every == 0 and step < config.steps and is_main:
                 _, summary = evaluate_policy(raw_policy, f"step {step}")
                 metrics.log(step=step, **curve_point(summary))
@@ -227,7 +236,7 @@ def main():
                 if is_main:
                     save_resume_state(out, raw_policy, policy_optimizer,
                                       None, {"step": step, "config": resume_key, "policy": str(policy_dir),
-                                             "kl_control": kl_control.state_dict()},
+                                             "kl_control": kl_control.state_dict(), "kl_stop": kl_stop.state_dict()},
                                       extra_tensors={"value_model": raw_value.state_dict(),
                                                      "value_optimizer": value_optimizer.state_dict()}
                                       if raw_value is not None else {})
@@ -251,7 +260,7 @@ def main():
         kl_budget = 1.5 * config.kl_target
         healthy, verdict = health_verdict(before, after, gains, kl_budget, metrics.read())
         final = {**before_after_metrics(before, after, gains), "kl_budget": kl_budget, "healthy": healthy,
-                 "verdict": verdict, "steps": step, "world_size": world,
+                 "verdict": verdict, "steps": step, "stopped_at_kl": stopped_at_kl, "world_size": world,
                  "train_time_sec": round(time.time() - started, 1)}
         manifest = make_manifest("ppo", config, args, parent=policy_dir, data_files=[data], metrics=final,
                                  reward_model=str(reward_dir))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from minigpt.ppo import (AdaptiveKLController, TokenValueModel, assign_rewards, clipped_policy_loss,
+from minigpt.ppo import (AdaptiveKLController, KLStop, TokenValueModel, assign_rewards, clipped_policy_loss,
                          clipped_value_loss, gae_advantages, health_verdict, kl_penalty, leave_one_out_advantages,
                          make_rollout, ppo_update, whiten)
 
@@ -262,3 +262,16 @@ def test_the_ppo_reward_reads_the_text_the_judge_reads(tiny_sft):
     assert text == "Mara lives in Oakford." and "<|" not in text
     source = (Path(__file__).resolve().parents[1] / "stages" / "ppo.py").read_text()
     assert "tokenizer.response_text(t)" in source and "tokenizer.decode(t)" not in source
+
+
+def test_kl_stop_reads_the_mean_of_the_last_steps_and_zero_never_stops():
+    stop = KLStop(1.0, window=3)
+    assert not stop.exceeded(5.0) and not stop.exceeded(0.1)  # one noisy step is not enough: the window is not full
+    assert stop.exceeded(0.1)  # (5.0 + 0.1 + 0.1) / 3 > 1
+    stop = KLStop(1.0, window=3)
+    assert [stop.exceeded(kl) for kl in (0.8, 0.9, 1.0, 1.2, 1.4)] == [False, False, False, True, True]
+    resumed = KLStop(1.0, window=3)
+    resumed.load_state_dict(stop.state_dict())
+    assert resumed.recent == [1.0, 1.2, 1.4] and resumed.exceeded(1.5)
+    never = KLStop(0.0, window=1)
+    assert not any(never.exceeded(kl) for kl in (10.0, 100.0))

@@ -178,3 +178,14 @@ def test_ppo_rloo_with_one_answer_per_prompt_is_one_clear_error(tiny_ppo, tmp_pa
     result = run_stage("ppo", tiny_ppo, "--out", str(tmp_path / "ppo"), "steps=1", "advantage=rloo",
                        "samples_per_prompt=1", check=False)
     assert result.returncode == 2 and "samples_per_prompt" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ppo_stops_at_its_kl_budget(tiny_ppo, tmp_path):
+    """kl_stop ends the run once the policy's rollouts are that far from SFT, and the metrics say so."""
+    out = tmp_path / "ppo"
+    result = run_stage("ppo", tiny_ppo, "--out", str(out), "steps=6", "eval_every=1000", "kl_estimator=k3",
+                       "kl_stop=1e-9", "kl_stop_window=1", "lr=1e-3")
+    metrics = json.loads((out / "metrics.json").read_text())
+    # step 1's rollouts come from the SFT weights themselves (KL 0); after one update the KL is > 0
+    assert metrics["steps"] == 2 and metrics["stopped_at_kl"] > 0
+    assert "KL budget reached at step 2" in result.stderr + result.stdout
