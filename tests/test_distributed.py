@@ -123,7 +123,8 @@ def test_ppo_on_two_processes(tiny_sft, tmp_path):
     stage = root / "t" / "ppo"
     log = (stage / "train.log").read_text()
     assert "world_size=2" in log
-    assert log.count("replicas agree: all 2 processes hold the same weights") == 2  # policy and value model
+    # the critic-free default: the policy is the one trained model (a prompt's 4 answers stay on one process)
+    assert log.count("replicas agree: all 2 processes hold the same weights") == 1
     assert log.count(": gold sampled") == 3  # evaluated before (saved), at step 2 and after, by rank 0
     assert json.loads((stage / "metrics.json").read_text())["world_size"] == 2
     assert_written_once(stage, "PPO policy: gold sampled")
