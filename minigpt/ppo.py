@@ -153,9 +153,13 @@ class KLStop:
     def __init__(self, limit: float, window: int = 4):
         self.limit, self.window, self.recent = limit, max(1, window), []
 
+    @property
+    def mean(self) -> float:
+        return sum(self.recent) / max(1, len(self.recent))
+
     def exceeded(self, kl: float) -> bool:
         self.recent = (self.recent + [kl])[-self.window:]
-        return self.limit > 0 and len(self.recent) == self.window and sum(self.recent) / self.window > self.limit
+        return self.limit > 0 and len(self.recent) == self.window and self.mean > self.limit
 
     def state_dict(self):
         return {"recent": list(self.recent)}

@@ -114,6 +114,7 @@ def main(argv=None):
     common = ["--run", args.run, "--runs-root", args.runs_root, "--seed", str(args.seed)]
     if args.preset:
         common += ["--preset", args.preset]
+    stage_args = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("samples", "reward", "ppo")}
     done = 1
     for n in range(2, args.rounds + 1):
         if args.time_budget and not (stage_folders(run_dir, n)["ppo"] / "metrics.json").exists():
@@ -121,7 +122,6 @@ def main(argv=None):
             print(why + ("" if fits else f": stopping after {done} round{'s' * (done > 1)}"), flush=True)
             if not fits:
                 break
-        stage_args = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("samples", "reward", "ppo")}
         run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable], stage_args)
         done = n
     rows = summarise(run_dir, done)

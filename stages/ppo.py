@@ -218,7 +218,7 @@ def main():
             kl_control.update(stats["kl"], config.prompts_per_step)  # n = rollouts this step (horizon in rollouts)
             step += 1
             if kl_stop.exceeded(stats["kl"]):  # the same on every process: stats are reduced over them
-                stopped_at_kl = sum(kl_stop.recent) / len(kl_stop.recent)
+                stopped_at_kl = kl_stop.mean
             metrics.log(step=step, beta=kl_control.beta, **stats, **update)
             bar.set_postfix(rm=f"{stats['rm_score']:+.2f}", kl=f"{stats['kl']:.2f}", len=f"{stats['response_length']:.0f}")
             bar.update(1)
