@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM
-from minigpt.sampling import SamplingConfig, generate
+from minigpt.sampling import SamplingConfig, compile_decoding, generate
 from minigpt.speed import autocast_for, bf16_supported, choose_speed, matmul_math
 
 
@@ -96,9 +97,9 @@ def decode_rates(ours, gpt2, prompt_len, new_tokens, vocab):
     prompt = torch.randint(0, vocab, (1, prompt_len))
     greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
 
-    def cached():
+    def cached(model=ours):
         start = time.perf_counter()
-        out = generate(ours, prompt.tolist(), greedy)
+        out = generate(model, prompt.tolist(), greedy)
         assert len(out.tokens[0]) == new_tokens
         return new_tokens / (time.perf_counter() - start)
 
@@ -125,9 +126,9 @@ def rollout_rates(ours, gpt2, prompts, prompt_len, new_tokens, vocab):
     batch = torch.randint(0, vocab, (prompts, prompt_len))
     greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
 
-    def ours_batched():
+    def ours_batched(model=ours):
         start = time.perf_counter()
-        generate(ours, batch.tolist(), greedy)
+        generate(model, batch.tolist(), greedy)
         return prompts * new_tokens / (time.perf_counter() - start)
 
     def gpt2_batched():
@@ -156,6 +157,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16, as the stages take it")
     parser.add_argument("--compile", default="off", help="auto | on | off (on CPU compiling takes minutes)")
+    parser.add_argument("--decode-compile", type=int, default=1,
+                        help="1: also time decoding with the decode step compiled (static cache), 0: skip")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,16 +187,30 @@ def main(argv=None):
     ours_batched, gpt2_batched = rollout_rates(ours, gpt2, args.rollout_prompts, args.prompt_len,
                                                args.rollout_tokens, args.vocab)
     decode = {"cached": [], "uncached": [], "gpt2": [], "rollout": [], "rollout_gpt2": []}
+    compiled = None
+    if args.decode_compile:  # the same weights, decode step through torch.compile (static cache shapes)
+        compiled = copy.deepcopy(ours)
+        compile_decoding(compiled)
+        start = time.perf_counter()
+        cached(compiled), ours_batched(compiled)  # compiles for one row, then for the batch
+        compile_seconds = time.perf_counter() - start
+        print(f"decode step compiled for 1 and {args.rollout_prompts} rows in {compile_seconds:.1f}s")
+        decode["cached_compiled"], decode["rollout_compiled"] = [], []
     for _ in range(args.repeats):
         decode["cached"].append(cached())
         decode["uncached"].append(uncached())
         decode["gpt2"].append(reference())
         decode["rollout"].append(ours_batched())
         decode["rollout_gpt2"].append(gpt2_batched())
+        if compiled is not None:
+            decode["cached_compiled"].append(cached(compiled))
+            decode["rollout_compiled"].append(ours_batched(compiled))
     med = {k: statistics.median(v) for k, v in {**{f"train_{k}": v for k, v in train.items()},
                                                 **{f"decode_{k}": v for k, v in decode.items()}}.items()}
     for name in train:
         print(f"train {name:>18}: {med[f'train_{name}']:>9,.0f} tokens/s")
+    for name in decode:
+        print(f"decode {name:>17}: {med[f'decode_{name}']:>9,.0f} tokens/s")
 
     non_embedding = sum(p.numel() for n, p in ours.named_parameters() if "wte" not in n)
     per_token = flops_per_token(non_embedding, args.layers, args.width, args.block, args.vocab)
@@ -230,6 +247,14 @@ def main(argv=None):
         "gpt2_rollout_tokens_per_sec": round(med["decode_rollout_gpt2"], 1),
         "rollout_ratio_vs_gpt2": round(med["decode_rollout"] / med["decode_rollout_gpt2"], 3),
     }
+    if compiled is not None:
+        result.update({
+            "decode_compile_seconds": round(compile_seconds, 1),
+            "decode_tokens_per_sec_compiled": round(med["decode_cached_compiled"], 1),
+            "decode_compiled_ratio_vs_eager": round(med["decode_cached_compiled"] / med["decode_cached"], 3),
+            "rollout_tokens_per_sec_compiled": round(med["decode_rollout_compiled"], 1),
+            "rollout_compiled_ratio_vs_eager": round(med["decode_rollout_compiled"] / med["decode_rollout"], 3),
+        })
     print(json.dumps(result))
 
 

@@ -77,8 +77,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, nh, T, hd)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 × (B, nh, T, hd)
+        q, k = rotate(qkv[:2], cos, sin)  # queries and keys in one go: half the small ops per layer
+        v = qkv[2]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nh, past + T, hd)
         # mask is None: plain causal (or a single new token that may see everything before it)
@@ -160,6 +161,11 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
+    def rope(self, position_ids, dtype):
+        """cos and sin of every position's rotation angles, (B, 1, T, head_dim/2) each."""
+        angles = position_ids[:, None, :, None].float() * self.inv_freq
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                 use_cache=None, inputs_embeds=None, **kwargs):
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
@@ -171,8 +177,7 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, T, x.device)
         mask = attention_mask_4d(attention_mask, position_ids, past, T)
-        angles = position_ids[:, None, :, None].float() * self.inv_freq  # (B, 1, T, hd/2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        cos, sin = self.rope(position_ids, x.dtype)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, cos, sin, mask, cache)
@@ -246,6 +251,23 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = shifted_cross_entropy(logits, labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
+
+
+    def decode_step(self, input_ids, position_ids, mask, cache):
+        """The sampler's inner loop: one new token per row, (B, 1), against a preallocated cache.
+
+        The same blocks as `forward` without its generality (no padding analysis, no output objects),
+        and every shape fixed for the whole generation: `mask` (B, 1, 1, cache length) marks the cache
+        slots each row may see, and the cache writes at a position held in a tensor. Per-token Python
+        and dispatch overhead is most of a step at this size, and fixed shapes let `torch.compile` turn
+        the step into one graph that is reused for every token. Returns the logits (B, vocab).
+        """
+        backbone = self.model
+        x = backbone.wte(input_ids)
+        cos, sin = backbone.rope(position_ids, x.dtype)
+        for block in backbone.blocks:
+            x = block(x, cos, sin, mask, cache)
+        return self.lm_head(backbone.norm_f(x))[:, -1]
 
 
 def shifted_cross_entropy(logits, labels, num_items_in_batch=None):

@@ -22,27 +22,61 @@ class SamplingConfig:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (B, n_head, max_len, head_dim) each.
+    """Preallocated keys and values, per layer: (B, n_head, max_len, head_dim) each.
 
     Speaks the part of Transformers' Cache interface the model uses (`update`, `get_seq_length`).
+    Two ways to fill it: a chunk of tokens (the prompt) goes to the next free slots and attention sees
+    the filled part; after `start_decoding`, each single new token is written at `slot`, a tensor, and
+    attention sees the whole buffer through the `mask` this cache keeps, so every decode step has the
+    same shapes (what lets a compiled step be reused for every token).
     """
 
     def __init__(self, config, batch_size: int, max_len: int, device, dtype):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        # one tensor per layer: a compiled step then writes its token in place instead of copying the cache
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.n_layer, self.length = config.n_layer, 0
+        self.decoding = self.static = self.padded = False
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.visible = torch.zeros((batch_size, max_len), dtype=torch.bool, device=device)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
     def update(self, k, v, layer_idx):
+        if self.decoding:
+            keys, values = self.keys[layer_idx], self.values[layer_idx]
+            keys.index_copy_(2, self.slot, k)
+            values.index_copy_(2, self.slot, v)
+            if self.static:
+                return keys, values
+            return keys[:, :, :self.length], values[:, :, :self.length]
         end = self.length + k.size(2)
-        self.keys[layer_idx, :, :, self.length:end] = k
-        self.values[layer_idx, :, :, self.length:end] = v
+        self.keys[layer_idx][:, :, self.length:end] = k
+        self.values[layer_idx][:, :, self.length:end] = v
         if layer_idx == self.n_layer - 1:
             self.length = end
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def start_decoding(self, attention_mask=None, static: bool = False):
+        """From now on one token per step; `attention_mask` (B, length) marks the prompt's real tokens.
+
+        `static`: attention reads the whole buffer behind a mask, so every step has the same shapes (for
+        a compiled step); otherwise it reads the filled part, unmasked when no row is padded (eager's
+        fastest attention)."""
+        self.visible[:, :self.length] = True if attention_mask is None else attention_mask.bool()
+        self.padded = attention_mask is not None and not bool(attention_mask.all())
+        self.decoding, self.static = True, static
+
+    def next_slot(self):
+        """The attention mask of the coming token: what each row may see, itself included (None: all)."""
+        self.visible[:, self.length] = True
+        self.slot.fill_(self.length)
+        self.length += 1
+        if self.static:
+            return self.visible[:, None, None, :]
+        return self.visible[:, None, None, :self.length] if self.padded else None
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device):
@@ -83,15 +117,21 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
     ids, mask = left_pad(prompts, pad_id, device)
     B, T = ids.shape
     padded = not bool(mask.all())
-    cache = KVCache(model_config, B, T + config.max_new_tokens, device, next(model.parameters()).dtype)
+    # a compiled step keeps one cache length for every call (the context), so it is compiled once
+    length = model_config.block_size if compiled_step(model) else T + config.max_new_tokens
+    cache = KVCache(model_config, B, max(length, T + config.max_new_tokens), device, next(model.parameters()).dtype)
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    step_input = ids
-    for _ in range(config.max_new_tokens):
-        logits = model(input_ids=step_input, attention_mask=mask if padded else None,
-                       cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    step, static = decode_step_of(model)
+    # the prompt in one pass; then one token per step
+    logits = model(input_ids=ids, attention_mask=mask if padded else None, cache=cache, use_cache=True,
+                   logits_to_keep=1).logits[:, -1]
+    cache.start_decoding(mask, static=static)
+    position = mask.sum(-1, keepdim=True)  # a row's next position counts its real tokens
+    for i in range(config.max_new_tokens):
+        logits = logits.float()
         if config.temperature <= 0:
             token = logits.argmax(-1)
         else:
@@ -100,11 +140,38 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
         token = token.masked_fill(done, pad_id)
         yield token
         done = done | torch.isin(token, stop)
-        if bool(done.all()):
+        if bool(done.all()) or i == config.max_new_tokens - 1:
             return
-        step_input = token[:, None]
-        if padded:
-            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        logits = step(token[:, None], position, cache.next_slot(), cache)
+        position = position + 1
+
+
+def _unwrapped(model):
+    """Our causal LM inside DDP and PEFT wrappers (PEFT's LoRA layers live inside its blocks)."""
+    base = getattr(model, "module", model)
+    return base.get_base_model() if hasattr(base, "get_base_model") else base
+
+
+def compile_decoding(model) -> None:
+    """From now on `stream` runs `model`'s decode step through `torch.compile`, with static cache shapes.
+
+    Compiling costs tens of seconds on a CPU and is paid back only over many tokens; `make bench` measures
+    both (`decode_compiled`). Greedy tokens are the same either way."""
+    base = _unwrapped(model)
+    base._compiled_decode_step = torch.compile(base.decode_step, dynamic=False)
+
+
+def compiled_step(model):
+    return getattr(_unwrapped(model), "_compiled_decode_step", None)
+
+
+def decode_step_of(model):
+    """(the model's one-token step, whether it wants static cache shapes): `decode_step`, or its compiled form."""
+    base = _unwrapped(model)
+    if not hasattr(base, "decode_step"):
+        raise TypeError(f"the sampler needs a minigpt causal LM (with decode_step), got {type(base).__name__}")
+    compiled = compiled_step(model)
+    return (compiled, True) if compiled is not None else (base.decode_step, False)
 
 
 @dataclass

@@ -148,7 +148,7 @@ def main():
             final[f"best_of_{n}_gain"], final[f"best_of_{n}_gain_ci"] = row["gain"], row["gain_ci"]
             final[f"best_of_{n}_oracle"] = row["oracle"]
             log.info("best-of-%d on %d held-out prompts: one sample %.3f, reward-model pick %.3f (%+.3f, 95%% CI "
-                     "%+.3f to %+.3f), oracle %.3f", n, eval_config.prompts, row["mean"], row["reward_model"],
+                     "%+.3f to %+.3f), oracle %.3f", n, len(eval_prompts), row["mean"], row["reward_model"],
                      row["gain"], *row["gain_ci"], row["oracle"])
         final["sample_gold_mean"] = best[str(eval_config.best_of_n_values[0])]["mean"]
 

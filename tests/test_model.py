@@ -1,9 +1,11 @@
+import copy
+
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import minigpt  # noqa: F401  (registers the Auto classes)
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from minigpt.sampling import KVCache, SamplingConfig, generate
+from minigpt.sampling import KVCache, SamplingConfig, compile_decoding, generate
 
 torch.manual_seed(0)
 CONFIG = MiniGPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=64, pad_token_id=0)
@@ -70,6 +72,33 @@ def test_cached_decoding_of_a_left_padded_batch_matches_each_prompt_alone():
     together = generate(m, prompts, greedy).tokens
     alone = [generate(m, [p], greedy).tokens[0] for p in prompts]
     assert together == alone
+
+
+def test_compiled_decoding_gives_the_same_greedy_tokens_as_eager():
+    m = model()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13]]  # left-padded: the static cache's mask at work
+    greedy = SamplingConfig(max_new_tokens=10, temperature=0)
+    eager = generate(m, prompts, greedy).tokens
+    compiled = copy.deepcopy(m)
+    compile_decoding(compiled)
+    assert generate(compiled, prompts, greedy).tokens == eager
+
+
+def test_the_sampler_decodes_through_peft_lora_layers():
+    from peft import LoraConfig, get_peft_model
+
+    m = model()
+    wrapped = get_peft_model(copy.deepcopy(m), LoraConfig(r=2, lora_alpha=4, target_modules=["qkv", "proj", "fc"]))
+    for name, p in wrapped.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # LoRA starts as a no-op: make it change the model
+    prompt = torch.randint(1, 97, (1, 5))
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0)
+    sequence = prompt.clone()
+    for _ in range(8):  # uncached, through PEFT's own forward
+        sequence = torch.cat([sequence, wrapped(input_ids=sequence).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert generate(wrapped, prompt.tolist(), greedy).tokens == sequence[:, 5:].tolist()
+    assert generate(m, prompt.tolist(), greedy).tokens != sequence[:, 5:].tolist()  # the LoRA layers were used
 
 
 def test_generate_of_transformers_works_with_our_model():
