@@ -252,6 +252,7 @@ def main(argv=None):
             "decode_compile_seconds": round(compile_seconds, 1),
             "decode_tokens_per_sec_compiled": round(med["decode_cached_compiled"], 1),
             "decode_compiled_ratio_vs_eager": round(med["decode_cached_compiled"] / med["decode_cached"], 3),
+            "decode_compiled_ratio_vs_gpt2": round(med["decode_cached_compiled"] / med["decode_gpt2"], 3),
             "rollout_tokens_per_sec_compiled": round(med["decode_rollout_compiled"], 1),
             "rollout_compiled_ratio_vs_eager": round(med["decode_rollout_compiled"] / med["decode_rollout"], 3),
         })

@@ -21,7 +21,7 @@ import torch
 
 from minigpt.checkpoint import WEIGHTS, CheckpointError, load_causal_lm
 from minigpt.sample import StreamPrinter, add_sampling_arguments, is_chat_checkpoint
-from minigpt.sampling import SamplingConfig, stream
+from minigpt.sampling import SamplingConfig, compile_decoding, stream
 from minigpt.tokenizer import Tokenizer
 
 MIN_PROMPT_TOKENS = 16  # room kept for the conversation when /max is set near the context size
@@ -119,13 +119,16 @@ class Reply:
 class ChatSession:
     """A model, its tokenizer, the sampling settings and the conversation so far."""
 
-    def __init__(self, ckpt, settings: Settings, notify=print):
+    def __init__(self, ckpt, settings: Settings, notify=print, compile_decode: bool = False):
         self.settings, self.notify, self.history = settings, notify, []
+        self.compile_decode = compile_decode
         self.load(Path(ckpt))
         self.reset()
 
     def load(self, ckpt: Path):
         self.model, self.tokenizer = load_chat_model(ckpt)
+        if self.compile_decode:
+            compile_decoding(self.model)
         self.ckpt, self.is_chat = ckpt, is_chat_checkpoint(ckpt)
         # <|end|> closes the turn; a model that goes on to write the user's next turn is done too.
         self.stop_ids = [self.tokenizer.end_id, self.tokenizer.user_id]
@@ -347,7 +350,8 @@ def main(argv=None) -> int:
             parser.error(f"{option}: {error}")
     settings = Settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
     try:
-        session = ChatSession(args.ckpt, settings, notify=lambda message: print(message, file=ui, flush=True))
+        session = ChatSession(args.ckpt, settings, notify=lambda message: print(message, file=ui, flush=True),
+                              compile_decode=args.compile)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

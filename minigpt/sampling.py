@@ -27,8 +27,8 @@ class KVCache:
     Speaks the part of Transformers' Cache interface the model uses (`update`, `get_seq_length`).
     Two ways to fill it: a chunk of tokens (the prompt) goes to the next free slots and attention sees
     the filled part; after `start_decoding`, each single new token is written at `slot`, a tensor, and
-    attention sees the whole buffer through the `mask` this cache keeps, so every decode step has the
-    same shapes (what lets a compiled step be reused for every token).
+    attention reads the filled part again or, `static`, the whole buffer behind the mask `next_slot`
+    returns, so that every decode step has the same shapes (what lets one compiled step serve every token).
     """
 
     def __init__(self, config, batch_size: int, max_len: int, device, dtype):
@@ -47,8 +47,8 @@ class KVCache:
     def update(self, k, v, layer_idx):
         if self.decoding:
             keys, values = self.keys[layer_idx], self.values[layer_idx]
-            keys.index_copy_(2, self.slot, k)
-            values.index_copy_(2, self.slot, v)
+            keys.index_copy_(2, self.slot, k.to(keys.dtype))  # under autocast k is bf16
+            values.index_copy_(2, self.slot, v.to(values.dtype))
             if self.static:
                 return keys, values
             return keys[:, :, :self.length], values[:, :, :self.length]

@@ -152,6 +152,15 @@ def test_one_shot_prompt_prints_an_answer(tiny_sft):
     assert not warnings, warnings
 
 
+def test_compiled_decoding_gives_the_same_greedy_answer(tiny_sft, capsys):
+    answers = []
+    for extra in ([], ["--compile"]):
+        assert main(["--ckpt", str(tiny_sft), "--prompt", "Who is Ada?", "--max-new-tokens", "12",
+                     "--temperature", "0", *extra]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0].strip() and answers[0] == answers[1]
+
+
 def test_piped_stdin_answers_every_line_and_keeps_notices_off_stdout(tiny_sft, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("Who is Ada?\n\n/temp 0\nWhat is 2 plus 3?\n/nonsense\n"))
     assert main(["--ckpt", str(tiny_sft), "--max-new-tokens", "12", "--temperature", "1.5"]) == 0
