@@ -252,15 +252,14 @@ class MiniGPTForCausalLM(MiniGPTPreTrainedModel, GenerationMixin):
             loss = shifted_cross_entropy(logits, labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
-
     def decode_step(self, input_ids, position_ids, mask, cache):
         """The sampler's inner loop: one new token per row, (B, 1), against a preallocated cache.
 
-        The same blocks as `forward` without its generality (no padding analysis, no output objects),
-        and every shape fixed for the whole generation: `mask` (B, 1, 1, cache length) marks the cache
-        slots each row may see, and the cache writes at a position held in a tensor. Per-token Python
-        and dispatch overhead is most of a step at this size, and fixed shapes let `torch.compile` turn
-        the step into one graph that is reused for every token. Returns the logits (B, vocab).
+        The same blocks as `forward` without its generality (no padding analysis, no output objects):
+        `mask` (B, 1, 1, keys) marks the cache slots each row may see (None: all it has filled), and the
+        cache writes at a position held in a tensor. Per-token Python and dispatch overhead is most of a
+        step at this size. With a static cache every shape is fixed for the whole generation, so
+        `torch.compile` turns the step into one graph reused for every token. Returns the logits (B, vocab).
         """
         backbone = self.model
         x = backbone.wte(input_ids)

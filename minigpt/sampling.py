@@ -110,21 +110,22 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
 
     Rows that already emitted a stop token get `pad_id` from then on.
     """
-    model_config = getattr(model, "module", model).config  # through a DDP wrapper; PEFT forwards .config
+    model_config = _unwrapped(model).config
     device = next(model.parameters()).device
     max_prompt = model_config.block_size - config.max_new_tokens  # keep the newest context
     prompts = [p[-max_prompt:] if max_prompt > 0 and len(p) > max_prompt else p for p in prompts]
     ids, mask = left_pad(prompts, pad_id, device)
     B, T = ids.shape
     padded = not bool(mask.all())
+    step, static = decode_step_of(model)
     # a compiled step keeps one cache length for every call (the context), so it is compiled once
-    length = model_config.block_size if compiled_step(model) else T + config.max_new_tokens
-    cache = KVCache(model_config, B, max(length, T + config.max_new_tokens), device, next(model.parameters()).dtype)
+    length = T + config.max_new_tokens
+    cache = KVCache(model_config, B, max(length, model_config.block_size) if static else length, device,
+                    next(model.parameters()).dtype)
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    step, static = decode_step_of(model)
     # the prompt in one pass; then one token per step
     logits = model(input_ids=ids, attention_mask=mask if padded else None, cache=cache, use_cache=True,
                    logits_to_keep=1).logits[:, -1]
@@ -161,16 +162,12 @@ def compile_decoding(model) -> None:
     base._compiled_decode_step = torch.compile(base.decode_step, dynamic=False)
 
 
-def compiled_step(model):
-    return getattr(_unwrapped(model), "_compiled_decode_step", None)
-
-
 def decode_step_of(model):
     """(the model's one-token step, whether it wants static cache shapes): `decode_step`, or its compiled form."""
     base = _unwrapped(model)
     if not hasattr(base, "decode_step"):
         raise TypeError(f"the sampler needs a minigpt causal LM (with decode_step), got {type(base).__name__}")
-    compiled = compiled_step(model)
+    compiled = getattr(base, "_compiled_decode_step", None)
     return (compiled, True) if compiled is not None else (base.decode_step, False)
 
 
