@@ -186,7 +186,7 @@ class PPOConfig:
     lr: float = 3e-5
     value_lr: float = 1e-4
     max_new_tokens: int = 48
-    temperature: float = 1.0
+    temperature: float = 1.0  # rollouts are sampled at this temperature, and their log-probs are computed at it
     top_k: int = 0
     top_p: float = 1.0
     gamma: float = 1.0

@@ -174,11 +174,39 @@ def repetition_rate(tokens: list[int], n: int = 3) -> float:
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
 
 
+def check_ppo_config(config, world: int) -> None:
+    """A ValueError naming the setting that cannot run (checked before any model is loaded)."""
+    k = config.samples_per_prompt
+    if config.advantage not in ("gae", "rloo"):
+        raise ValueError(f"advantage={config.advantage!r}: expected gae (value model) or rloo (critic-free)")
+    if k < 1 or (config.advantage == "rloo" and k < 2):
+        raise ValueError(f"samples_per_prompt={k}: rloo compares each answer with the prompt's other "
+                         f"answers, so it needs samples_per_prompt >= 2 (e.g. 4)")
+    if not config.temperature > 0:
+        raise ValueError(f"temperature={config.temperature}: PPO samples its rollouts and needs a temperature > 0 "
+                         f"(1.0 = the model's own distribution)")
+    if config.top_k or config.top_p < 1.0:
+        # truncated sampling draws from a distribution the policy's log-probabilities do not describe
+        raise ValueError(f"top_k={config.top_k}, top_p={config.top_p}: PPO's ratios and KL need rollouts from the "
+                         f"policy's whole distribution; leave top_k=0 and top_p=1.0 (set temperature instead)")
+    if (config.prompts_per_step // world) % k:
+        raise ValueError(f"prompts_per_step={config.prompts_per_step} answers over {world} processes must give "
+                         f"each process whole groups of samples_per_prompt={k} answers to one prompt")
+
+
 # ---- model passes ----------------------------------------------------------------------------------
 
-def response_logprobs(model, ids, attention_mask, prompt_width: int, with_entropy: bool = False):
-    """Log-probabilities (B, R) of the response tokens, from the logits one position earlier."""
+def response_logprobs(model, ids, attention_mask, prompt_width: int, with_entropy: bool = False,
+                      temperature: float = 1.0):
+    """Log-probabilities (B, R) of the response tokens, from the logits one position earlier.
+
+    At `temperature` T these are the log-probabilities of the policy that samples at T
+    (softmax(logits / T)): PPO's ratios, its KL and the gradient then all concern the distribution the
+    answers were actually drawn from.
+    """
     logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, prompt_width - 1:-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logprobs = torch.log_softmax(logits, -1)
     chosen = logprobs.gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
     if not with_entropy:
@@ -264,8 +292,8 @@ def make_rollout(policy, reference, value_model, reward_fn, prompts: list[list[i
     responses = [t + ([tokenizer.end_id] if f else []) for t, f in zip(out.tokens, out.finished)]
     ids, attention_mask, mask, P = prompt_and_response_batch(prompts, responses, tokenizer.pad_id, device)
 
-    logprobs = response_logprobs(policy, ids, attention_mask, P) * mask
-    ref_logprobs = response_logprobs(reference, ids, attention_mask, P) * mask
+    logprobs = response_logprobs(policy, ids, attention_mask, P, temperature=config.temperature) * mask
+    ref_logprobs = response_logprobs(reference, ids, attention_mask, P, temperature=config.temperature) * mask
     # critic-free (rloo) runs have no value model: their baseline is the prompt's other answers
     values = token_values(value_model, ids, attention_mask, P) * mask if value_model is not None else None
     raw = reward_fn(out.tokens, out.finished).to(device).float()
@@ -315,7 +343,8 @@ def ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout: 
         for start in range(0, B, minibatch):
             idx = order[start:start + minibatch].to(rollout.ids.device)
             ids, attention, mask = rollout.ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
-            logprobs, entropy = response_logprobs(policy, ids, attention, rollout.prompt_width, with_entropy=True)
+            logprobs, entropy = response_logprobs(policy, ids, attention, rollout.prompt_width, with_entropy=True,
+                                                  temperature=config.temperature)
             loss, clip_fraction, approx_kl = clipped_policy_loss(
                 logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, config.clip_range)
             if ptx_batch_fn is not None and config.ptx_coef > 0:  # PPO-ptx: keep the pretraining skill

@@ -23,8 +23,8 @@ from minigpt.config import EvalConfig, PPOConfig, load_config, to_dict
 from minigpt.data import load_prompts
 from minigpt.evaluation import (add_reward_scores, before_after_metrics, eval_records, evaluate, headline, load_evaluation,
                                 log_examples, pair, plot_overoptimisation, summarise)
-from minigpt.ppo import (AdaptiveKLController, KLStop, TokenValueModel, assign_rewards, health_verdict, make_rollout,
-                         ppo_update, rollout_stats)
+from minigpt.ppo import (AdaptiveKLController, KLStop, TokenValueModel, assign_rewards, check_ppo_config, health_verdict,
+                         make_rollout, ppo_update, rollout_stats)
 from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
 from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, parse_stage_args, plot_curves, run_main,
                          require_stage, setup_logging, write_json_atomic, write_text_atomic)
@@ -76,19 +76,6 @@ def pretraining_batches(run_dir: Path, config, seed: int, world: int, rank: int)
     return make_batches
 
 
-def check_advantage_config(config, world: int) -> None:
-    """One clear error for an advantage setting that cannot run (before any model is loaded)."""
-    k = config.samples_per_prompt
-    if config.advantage not in ("gae", "rloo"):
-        raise SystemExit(f"error: advantage={config.advantage!r}: expected gae (value model) or rloo (critic-free)")
-    if k < 1 or (config.advantage == "rloo" and k < 2):
-        raise SystemExit(f"error: samples_per_prompt={k}: rloo compares each answer with the prompt's other "
-                         f"answers, so it needs samples_per_prompt >= 2 (e.g. 4)")
-    if (config.prompts_per_step // world) % k:
-        raise SystemExit(f"error: prompts_per_step={config.prompts_per_step} answers over {world} processes must give "
-                         f"each process whole groups of samples_per_prompt={k} answers to one prompt")
-
-
 def main():
     args = parse_stage_args("ppo", extra=extra_arguments)
     config = load_config(PPOConfig, args.preset, args.overrides)
@@ -111,7 +98,10 @@ def main():
     scorer = load_reward_scorer(reward_dir, confidence_model=reference)
     if scorer is None:
         raise SystemExit(f"error: {reward_dir} has no finished reward model (metrics.json); run `make reward`")
-    check_advantage_config(config, world)
+    try:
+        check_ppo_config(config, world)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
     value_model = None  # rloo is critic-free
     if config.advantage == "gae":
         # the critic reads the head at every token, on the reward's scale: (w_head · head − w_head · head_mean) / std

@@ -275,3 +275,47 @@ def test_kl_stop_reads_the_mean_of_the_last_steps_and_zero_never_stops():
     assert resumed.recent == [1.0, 1.2, 1.4] and resumed.exceeded(1.5)
     never = KLStop(0.0, window=1)
     assert not any(never.exceeded(kl) for kl in (10.0, 100.0))
+
+
+def test_rollout_logprobs_are_those_of_the_temperature_the_answers_were_sampled_at():
+    """PPO's ratios and KL must concern the distribution that drew the answers: at temperature T the
+    log-probabilities come from softmax(logits / T), so exp(logprob) of a one-token answer matches
+    how often that token is drawn."""
+    torch.manual_seed(0)
+    config = MiniGPTConfig(vocab_size=12, n_layer=1, n_head=2, n_embd=16, block_size=32, pad_token_id=0)
+    policy = MiniGPTForCausalLM(config)
+    with torch.no_grad():
+        policy.lm_head.weight.mul_(8)  # a peaked distribution, so temperature changes it a lot
+    reference = MiniGPTForCausalLM(config)
+    reference.load_state_dict(policy.state_dict())
+    toy = type("Tempered", (ToyConfig,), {"temperature": 0.5, "max_new_tokens": 1})
+    prompts = [[2, 3, 4]] * 2000
+
+    def reward_fn(tokens, finished):
+        return torch.zeros(len(tokens))
+
+    rollout = make_rollout(policy, reference, None, reward_fn, prompts, toy, ToyTokenizer, torch.Generator().manual_seed(0))
+    first = torch.tensor([t[0] if t else ToyTokenizer.end_id for t in rollout.response_tokens])
+    probability = rollout.logprobs[:, 0].exp()
+    common = first.mode().values
+    frequency = (first == common).float().mean().item()
+    assigned = probability[first == common][0].item()
+    with torch.no_grad():
+        untempered = policy(input_ids=torch.tensor([[2, 3, 4]])).logits[0, -1].softmax(-1)[common].item()
+    assert abs(untempered - frequency) > 0.1, "the toy must make temperature matter"
+    assert abs(assigned - frequency) < 0.04, (assigned, frequency, untempered)
+    assert rollout.kl.abs().max().item() < 1e-5  # the reference is the same model at the same temperature
+
+
+@pytest.mark.parametrize("setting, named", [({"temperature": 0.0}, "temperature"), ({"top_k": 5}, "top_k"),
+                                            ({"top_p": 0.9}, "top_p"), ({"advantage": "ppo2"}, "advantage"),
+                                            ({"samples_per_prompt": 1}, "samples_per_prompt")])
+def test_ppo_settings_it_cannot_run_are_refused_by_name(setting, named):
+    from dataclasses import replace
+
+    from minigpt.config import PPOConfig
+    from minigpt.ppo import check_ppo_config
+
+    check_ppo_config(PPOConfig(), world=1)  # the defaults run
+    with pytest.raises(ValueError, match=named):
+        check_ppo_config(replace(PPOConfig(), **setting), world=1)
