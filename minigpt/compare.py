@@ -224,7 +224,11 @@ def saved_or_new_best_of_n(run_dir: Path, reference, records, reward, config: Ev
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("config") == dataclasses.asdict(config):
-            return {k: v for k, v in saved.items() if k.isdigit()}
+            rows = {k: v for k, v in saved.items() if k.isdigit()}
+            # the reward stage also reranks answers sampled at the evaluation temperature (what PPO is held against)
+            rows.update({f"{k} at T={config.temperature:g}": v
+                         for k, v in saved.get("eval_temperature", {}).items() if k.isdigit()})
+            return rows
     tokenizer = Tokenizer.load(run_dir / "sft")
     best = best_of_n(reference, tokenizer, records, reward, config)
     return {k: v for k, v in best.items() if k.isdigit()}
@@ -299,7 +303,7 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                       with_ci(p["gain_greedy"], p["gain_greedy_ci"], signed=True), pct_ci(p["win_rate"], p["win_rate_ci"]),
                       p["summary"].split(": ", 1)[-1]] for key, p in report["pairs"].items()]))
     if report["best_of_n"]:
-        out.append(("Best-of-n from SFT (temperature 1)",
+        out.append(("Best-of-n from SFT (temperature 1 unless the row says; KL to the sampling policy)",
                     ["n", "one sample", "reward-model pick [95% CI]", "gain [95% CI]", "oracle pick [95% CI]",
                      "KL (log n − (n−1)/n)"],
                     [[n, fmt(b["mean"]), with_ci(b["reward_model"], b["reward_model_ci"]),

@@ -322,8 +322,14 @@ def calibration(evaluations: dict[str, dict]) -> dict:
 
 
 @torch.no_grad()
-def best_of_n(model, tokenizer, records, reward: RewardScorer, config: EvalConfig, name: str = "best-of-n") -> dict:
-    """Best-of-n baselines from samples of `model` (temperature 1), for each n in config.best_of_n.
+def best_of_n(model, tokenizer, records, reward: RewardScorer, config: EvalConfig, name: str = "best-of-n",
+              temperature: float = 1.0, ns: list[int] | None = None) -> dict:
+    """Best-of-n baselines from samples of `model` at `temperature`, for each n in `ns` (config.best_of_n).
+
+    At temperature 1 it is the classic baseline whose KL to the sampling policy is known; at the
+    evaluation temperature it answers "does reranking beat what a user of the SFT model sees" — the
+    figure PPO's sampled gold is held against (a T=1 sample is worse than a T=0.7 one, so the same
+    pick gains more over it).
 
     n_max = the largest n samples per prompt; best-of-n for a smaller n averages over the
     n_max / n disjoint groups of n (less noise than one group). Per n: `mean` (gold of a single
@@ -331,15 +337,15 @@ def best_of_n(model, tokenizer, records, reward: RewardScorer, config: EvalConfi
     gold: the ceiling of reranking), `rm_pick` (the RM score of its pick) and the analytic
     `kl` = log n − (n−1)/n of best-of-n to the sampling policy.
     """
-    ns = config.best_of_n_values
+    ns = sorted(ns or config.best_of_n_values)
     n_max = max(ns)
     model.eval()
     repeated = [r for r in records for _ in range(n_max)]
-    answers = answer_chat(model, tokenizer, repeated, _sampling(config, 1.0), config.seed + 3, progress=name)
+    answers = answer_chat(model, tokenizer, repeated, _sampling(config, temperature), config.seed + 3, progress=name)
     gold = [score(r, t, f)["score"] for r, t, f in zip(repeated, answers.responses, answers.finished)]
     rm = reward(repeated, answers.responses)
     kinds = [r.get("kind") for r in records]
-    out = {"samples_per_prompt": n_max, "temperature": 1.0}
+    out = {"samples_per_prompt": n_max, "temperature": temperature}
     for n in ns:
         picks, oracle, means, rm_picks = [], [], [], []
         for i in range(len(records)):

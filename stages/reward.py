@@ -141,7 +141,6 @@ def main():
         scorer = RewardScorer(model, tokenizer, final["reward_mean"], final["reward_std"], sft_model,
                               head_weight, confidence_weight, config.max_length)
         best = best_of_n(sft_model, tokenizer, eval_prompts, scorer, eval_config)
-        write_json_atomic(out / "best_of_n.json", best)
         for n in eval_config.best_of_n_values:
             row = best[str(n)]
             final[f"best_of_{n}_gold"], final[f"best_of_{n}_gold_ci"] = row["reward_model"], row["reward_model_ci"]
@@ -151,6 +150,18 @@ def main():
                      "%+.3f to %+.3f), oracle %.3f", n, len(eval_prompts), row["mean"], row["reward_model"],
                      row["gain"], *row["gain_ci"], row["oracle"])
         final["sample_gold_mean"] = best[str(eval_config.best_of_n_values[0])]["mean"]
+        # the same reranking of answers sampled as a chat user sees them (the evaluation's temperature)
+        n = eval_config.best_of_n_values[0]
+        row = best_of_n(sft_model, tokenizer, eval_prompts, scorer, eval_config, name="best-of-n (eval temperature)",
+                        temperature=eval_config.temperature, ns=[n])
+        best["eval_temperature"] = row
+        write_json_atomic(out / "best_of_n.json", best)
+        row = row[str(n)]
+        final[f"best_of_{n}_gain_eval_temperature"] = row["gain"]
+        final[f"best_of_{n}_gain_eval_temperature_ci"] = row["gain_ci"]
+        log.info("best-of-%d at the evaluation temperature %.1f: one sample %.3f, reward-model pick %.3f (%+.3f, 95%% CI "
+                 "%+.3f to %+.3f), oracle %.3f", n, eval_config.temperature, row["mean"], row["reward_model"],
+                 row["gain"], *row["gain_ci"], row["oracle"])
 
     manifest = make_manifest("reward", config, args, parent=parent, data_files=ranked_sources(args, config),
                              metrics=final)

@@ -97,6 +97,13 @@ def test_best_of_n_keeps_the_highest_scored_answer_and_reports_its_kl(monkeypatc
     # n = 2 averages over the two disjoint pairs of each prompt
     assert result["2"]["reward_model"] == pytest.approx(((1 + 0) / 2 + (1 + 0) / 2) / 2)
     assert pick_best([0.1, 0.9, 0.9]) == 1
+    # at another temperature and for chosen n: the sampler is asked for that temperature, the result says so
+    temperatures = []
+    monkeypatch.setattr(evaluation, "answer_chat", lambda model, tok, recs, sampling, *a, **k: temperatures.append(
+        sampling.temperature) or evaluation.Answers(texts[:len(recs)], [True] * len(recs), [[]] * len(recs)))
+    tempered = best_of_n(_Dummy(), None, records, FixedScorer(), config, temperature=0.7, ns=[2])
+    assert temperatures == [0.7] and tempered["temperature"] == 0.7 and "4" not in tempered
+    assert tempered["2"]["reward_model"] == pytest.approx((1.0 + 0.0) / 2)  # "good answer" over "a", "bbb" over "cc"
 
 
 class _Dummy:
