@@ -197,6 +197,9 @@ class PPOConfig:
     grad_clip: float = 1.0
     kl_coef: float = 0.05  # β: the initial coefficient of the per-token KL penalty
     kl_estimator: str = "k1"  # k1 | k3
+    # weight of a k3 KL(policy‖SFT) term in the policy loss (GRPO's form); 0: the KL acts only as a penalty in
+    # the reward (β above), whose pull on a token is as noisy as the reward's
+    kl_loss_coef: float = 0.0
     adaptive_kl: bool = True
     kl_target: float = 2.0  # nats per response: the KL the adaptive β steers to (budget: 1.5x this)
     kl_horizon: int = 10000  # samples (Ziegler et al.): beta moves by at most 20% per this many rollouts

@@ -336,7 +336,7 @@ def ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout: 
     # takes its share, so 1 and N processes make the same number of optimiser steps.
     minibatch = max(1, config.minibatch_size // accelerator.num_processes)
     stats = {"policy_loss": [], "value_loss": [], "entropy": [], "approx_kl": [], "clip_fraction": [],
-             "ptx_loss": []}
+             "ptx_loss": [], "kl_loss": []}
     stopped_early = False
     for epoch in range(config.ppo_epochs):
         order = torch.randperm(B, generator=generator)
@@ -347,6 +347,10 @@ def ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout: 
                                                   temperature=config.temperature)
             loss, clip_fraction, approx_kl = clipped_policy_loss(
                 logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, config.clip_range)
+            if config.kl_loss_coef > 0:  # GRPO-style: the pull toward SFT as a loss term, exact per token
+                kl_loss = masked_mean(kl_penalty(logprobs, rollout.ref_logprobs[idx], "k3"), mask)
+                loss = loss + config.kl_loss_coef * kl_loss
+                stats["kl_loss"].append(kl_loss.item())
             if ptx_batch_fn is not None and config.ptx_coef > 0:  # PPO-ptx: keep the pretraining skill
                 inputs, targets = ptx_batch_fn()
                 logits = policy(input_ids=inputs.to(ids.device)).logits

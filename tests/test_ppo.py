@@ -134,7 +134,7 @@ class ToyConfig:
     reward_clip, no_end_penalty, kl_estimator = 5.0, 0.0, "k1"
     gamma, lam = 1.0, 0.95
     ppo_epochs, minibatch_size, clip_range, clip_range_value, value_coef = 2, 16, 0.2, 0.2, 0.5
-    grad_clip, target_approx_kl, ptx_coef = 1.0, 1.0, 0.0
+    grad_clip, target_approx_kl, ptx_coef, kl_loss_coef = 1.0, 1.0, 0.0, 0.0
     advantage, samples_per_prompt = "gae", 1
 
 
@@ -319,3 +319,36 @@ def test_ppo_settings_it_cannot_run_are_refused_by_name(setting, named):
     check_ppo_config(PPOConfig(), world=1)  # the defaults run
     with pytest.raises(ValueError, match=named):
         check_ppo_config(replace(PPOConfig(), **setting), world=1)
+
+
+def test_kl_loss_term_pulls_the_policy_back_toward_the_reference():
+    """With nothing to gain (equal rewards: zero advantages) the only force left is kl_loss_coef's pull to SFT."""
+    from accelerate import Accelerator
+
+    from minigpt.ppo import sequence_kl
+
+    torch.manual_seed(0)
+    config = MiniGPTConfig(vocab_size=12, n_layer=1, n_head=2, n_embd=16, block_size=32, pad_token_id=0)
+    reference = MiniGPTForCausalLM(config).requires_grad_(False)
+    policy = MiniGPTForCausalLM(config)
+    policy.load_state_dict(reference.state_dict())
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.3 * torch.randn_like(policy.lm_head.weight))  # drifted away from SFT
+    prompts = [[2, 3, 4]] * 16
+
+    def kl_and_step(coef: float) -> tuple[float, float]:
+        toy = type("KLLoss", (ToyConfig,), {"advantage": "rloo", "samples_per_prompt": 4, "kl_loss_coef": coef})
+        rollout = make_rollout(policy, reference, None, lambda tokens, finished: torch.zeros(len(tokens)), prompts,
+                               toy, ToyTokenizer, torch.Generator().manual_seed(1))
+        before = sum(sequence_kl(policy, reference, prompts, rollout.response_tokens, pad_id=0))
+        assign_rewards(rollout, beta=0.0, config=toy)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+        for step in range(5):
+            ppo_update(policy, None, optimizer, None, rollout, toy, Accelerator(cpu=True),
+                       generator=torch.Generator().manual_seed(step))
+        return before, sum(sequence_kl(policy, reference, prompts, rollout.response_tokens, pad_id=0))
+
+    before, after = kl_and_step(0.0)
+    assert after == pytest.approx(before, abs=1e-6)  # zero advantages, no KL term: nothing moves
+    before, after = kl_and_step(1.0)
+    assert after < 0.8 * before, (before, after)
