@@ -109,8 +109,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# one pytest worker per core (pytest-xdist), each test single-threaded: most of the suite is small
+# subprocesses that one thread runs as fast as two, so the cores are better used side by side
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto tests
 
 # ---- the pipeline ------------------------------------------------------------------------------
 $(R)/.settings/%:  # written by minigpt/settings.py above; this rule only lets Make accept them
