@@ -49,6 +49,11 @@ def ranked_sources(args, config: RewardConfig) -> list:
     return present
 
 
+def log_best_of_n(n: int, where: str, row: dict) -> None:
+    log.info("best-of-%d %s: one sample %.3f, reward-model pick %.3f (%+.3f, 95%% CI %+.3f to %+.3f), oracle %.3f",
+             n, where, row["mean"], row["reward_model"], row["gain"], *row["gain_ci"], row["oracle"])
+
+
 def main():
     is_main = is_main_process()
     args, config = begin_stage("reward", RewardConfig, main_process=is_main)
@@ -146,9 +151,7 @@ def main():
             final[f"best_of_{n}_gold"], final[f"best_of_{n}_gold_ci"] = row["reward_model"], row["reward_model_ci"]
             final[f"best_of_{n}_gain"], final[f"best_of_{n}_gain_ci"] = row["gain"], row["gain_ci"]
             final[f"best_of_{n}_oracle"] = row["oracle"]
-            log.info("best-of-%d on %d held-out prompts: one sample %.3f, reward-model pick %.3f (%+.3f, 95%% CI "
-                     "%+.3f to %+.3f), oracle %.3f", n, len(eval_prompts), row["mean"], row["reward_model"],
-                     row["gain"], *row["gain_ci"], row["oracle"])
+            log_best_of_n(n, f"on {len(eval_prompts)} held-out prompts", row)
         final["sample_gold_mean"] = best[str(eval_config.best_of_n_values[0])]["mean"]
         # the same reranking of answers sampled as a chat user sees them (the evaluation's temperature)
         n = eval_config.best_of_n_values[0]
@@ -159,9 +162,7 @@ def main():
         row = row[str(n)]
         final[f"best_of_{n}_gain_eval_temperature"] = row["gain"]
         final[f"best_of_{n}_gain_eval_temperature_ci"] = row["gain_ci"]
-        log.info("best-of-%d at the evaluation temperature %.1f: one sample %.3f, reward-model pick %.3f (%+.3f, 95%% CI "
-                 "%+.3f to %+.3f), oracle %.3f", n, eval_config.temperature, row["mean"], row["reward_model"],
-                 row["gain"], *row["gain_ci"], row["oracle"])
+        log_best_of_n(n, f"at the evaluation temperature {eval_config.temperature:.1f}", row)
 
     manifest = make_manifest("reward", config, args, parent=parent, data_files=ranked_sources(args, config),
                              metrics=final)
