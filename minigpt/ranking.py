@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from minigpt.stats import bootstrap_ratio_ci
 
 
 def ranks_from_scores(scores: list[float], noise: float = 0.0, rng: random.Random | None = None) -> list[int]:
@@ -52,24 +54,27 @@ class RankingMetrics:
     kendall_tau: float  # mean per prompt over untied pairs: (concordant − discordant) / pairs
     n_prompts: int
     n_pairs: int
+    pairwise_accuracy_ci: list[float] = field(default_factory=lambda: [float("nan")] * 2)  # prompts resampled
 
 
 def ranking_metrics(groups: list[tuple[list[float], list[int]]]) -> RankingMetrics:
     """Metrics of model rewards against rankings; `groups` = [(rewards, ranks), …] one per prompt."""
-    correct = pairs = top1 = 0
-    taus = []
+    agreeing, counts, taus = [], [], []  # per prompt
+    top1 = 0
     for rewards, ranks in groups:
         group_pairs = ranking_pairs(ranks)
         if not group_pairs:
             continue
         agree = sum(rewards[i] > rewards[j] for i, j in group_pairs)
         disagree = sum(rewards[i] < rewards[j] for i, j in group_pairs)
-        correct += agree
-        pairs += len(group_pairs)
+        agreeing.append(agree)
+        counts.append(len(group_pairs))
         taus.append((agree - disagree) / len(group_pairs))
         top1 += ranks[max(range(len(rewards)), key=lambda k: rewards[k])] == min(ranks)
-    n = len(taus)
-    return RankingMetrics(correct / max(1, pairs), top1 / max(1, n), sum(taus) / max(1, n), n, pairs)
+    n, pairs = len(taus), sum(counts)
+    # a prompt's pairs share its responses, so the interval resamples prompts, not pairs
+    return RankingMetrics(sum(agreeing) / max(1, pairs), top1 / max(1, n), sum(taus) / max(1, n), n, pairs,
+                          bootstrap_ratio_ci(agreeing, counts))
 
 
 def split_by_prompt(rankings: list[dict], fraction: float, seed: int = 0) -> tuple[list[dict], list[dict]]:

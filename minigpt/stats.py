@@ -32,6 +32,19 @@ def bootstrap_ci(values, n_boot: int = BOOTSTRAP_SAMPLES, level: float = LEVEL, 
     return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
 
 
+def bootstrap_ratio_ci(numerators, denominators, n_boot: int = BOOTSTRAP_SAMPLES, level: float = LEVEL,
+                       seed: int = 0) -> list[float]:
+    """[low, high] interval of sum(numerators) / sum(denominators), resampling the prompts (one pair of
+    values each): a pooled rate such as pairwise accuracy, where prompts contribute different counts."""
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    if len(num) == 0 or den.sum() == 0:
+        return [float("nan"), float("nan")]
+    idx = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
+    ratios = num[idx].sum(axis=1) / np.maximum(den[idx].sum(axis=1), 1e-12)
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))]
+
+
 def paired_gain(before, after, n_boot: int = BOOTSTRAP_SAMPLES, level: float = LEVEL, seed: int = 0):
     """(mean of after − before, its paired-bootstrap interval); both lists are per prompt, same order."""
     before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)

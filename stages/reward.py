@@ -121,7 +121,8 @@ def main():
     sft_samples = [r for r in rankings if str(r.get("policy", "")).rstrip("/").endswith("sft")] or rankings
     sft_groups = features_of(sft_samples)
     all_rewards = [x for scores, _ in combined(sft_groups) for x in scores]
-    final = {"pairwise_accuracy": quality.pairwise_accuracy, "top1_accuracy": quality.top1_accuracy,
+    final = {"pairwise_accuracy": quality.pairwise_accuracy, "pairwise_accuracy_ci": quality.pairwise_accuracy_ci,
+             "top1_accuracy": quality.top1_accuracy,
              "kendall_tau": quality.kendall_tau, "reward_mean": statistics.fmean(all_rewards),
              "reward_std": statistics.pstdev(all_rewards) or 1.0, "val_prompts": quality.n_prompts,
              "val_pairs": quality.n_pairs, "train_prompts": len(train_rows),
@@ -129,9 +130,9 @@ def main():
              "head_mean": statistics.fmean(h for f, _ in sft_groups for h, _ in f), "max_length": config.max_length,
              "head_pairwise_accuracy": head_only.pairwise_accuracy,
              "confidence_pairwise_accuracy": confidence_only.pairwise_accuracy}
-    log.info("reward model on held-out prompts: pairwise accuracy %.3f (head alone %.3f, SFT confidence alone %.3f), "
-             "top-1 %.3f, Kendall tau %.3f; reward = %.3f x head %+.3f x confidence", quality.pairwise_accuracy,
-             head_only.pairwise_accuracy, confidence_only.pairwise_accuracy, quality.top1_accuracy,
+    log.info("reward model on %d held-out prompts: pairwise accuracy %.3f (95%% CI %.3f to %.3f; head alone %.3f, "
+             "SFT confidence alone %.3f), top-1 %.3f, Kendall tau %.3f; reward = %.3f x head %+.3f x confidence",
+             quality.n_prompts, quality.pairwise_accuracy, *quality.pairwise_accuracy_ci, head_only.pairwise_accuracy, confidence_only.pairwise_accuracy, quality.top1_accuracy,
              quality.kendall_tau, head_weight, confidence_weight)
     final["labelled_prompts"] = len(rankings)
     final["labelled_comparisons"] = sum(len(ranking_pairs(r["ranks"])) for r in rankings)
@@ -153,16 +154,16 @@ def main():
             final[f"best_of_{n}_oracle"] = row["oracle"]
             log_best_of_n(n, f"on {len(eval_prompts)} held-out prompts", row)
         final["sample_gold_mean"] = best[str(eval_config.best_of_n_values[0])]["mean"]
-        # the same reranking of answers sampled as a chat user sees them (the evaluation's temperature)
-        n = eval_config.best_of_n_values[0]
-        row = best_of_n(sft_model, tokenizer, eval_prompts, scorer, eval_config, name="best-of-n (eval temperature)",
-                        temperature=eval_config.temperature, ns=[n])
-        best["eval_temperature"] = row
+        # the same reranking of answers sampled as a chat user sees them (the evaluation's temperature), from as
+        # many samples as above: best-of-4 then averages 4 disjoint groups of 4, half the noise of one group
+        best["eval_temperature"] = best_of_n(sft_model, tokenizer, eval_prompts, scorer, eval_config,
+                                             name="best-of-n (eval temperature)", temperature=eval_config.temperature)
         write_json_atomic(out / "best_of_n.json", best)
-        row = row[str(n)]
-        final[f"best_of_{n}_gain_eval_temperature"] = row["gain"]
-        final[f"best_of_{n}_gain_eval_temperature_ci"] = row["gain_ci"]
-        log_best_of_n(n, f"at the evaluation temperature {eval_config.temperature:.1f}", row)
+        for n in eval_config.best_of_n_values:
+            row = best["eval_temperature"][str(n)]
+            final[f"best_of_{n}_gain_eval_temperature"] = row["gain"]
+            final[f"best_of_{n}_gain_eval_temperature_ci"] = row["gain_ci"]
+            log_best_of_n(n, f"at the evaluation temperature {eval_config.temperature:.1f}", row)
 
     manifest = make_manifest("reward", config, args, parent=parent, data_files=ranked_sources(args, config),
                              metrics=final)

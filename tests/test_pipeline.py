@@ -12,7 +12,7 @@ STAGE_METRICS = {
     "sft": ["val_loss", "gold_score", "gold_score_base", "gold_sampled", "gold_greedy", "gain_sampled", "win_rate"],
     "samples": ["gold_mean", "gold_best_of_k"],
     "reward": ["pairwise_accuracy", "top1_accuracy", "kendall_tau", "reward_mean", "reward_std", "best_of_4_gold", "best_of_4_gain",
-               "best_of_2_gain_eval_temperature"],  # the tiny preset reranks 2 and 4 answers
+               "best_of_2_gain_eval_temperature", "best_of_4_gain_eval_temperature"],  # tiny reranks 2 and 4 answers
     "ppo": ["reward_before", "reward_after", "kl", "gold_before", "gold_after", "gain_sampled", "gain_greedy", "win_rate"],
 }
 

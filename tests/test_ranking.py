@@ -77,6 +77,28 @@ def test_metrics_on_known_scores():
     assert mixed.top1_accuracy == 0.0
 
 
+def test_pairwise_accuracy_interval_resamples_prompts():
+    rng = random.Random(0)
+
+    def metrics(n_prompts, flip):  # K=4 rankings; a share `flip` of the prompts is ranked backwards
+        groups = []
+        for p in range(n_prompts):
+            scores = [rng.random() for _ in range(4)]
+            ranks = ranks_from_scores(scores)
+            groups.append(([-s for s in scores] if p < flip * n_prompts else scores, ranks))
+        return ranking_metrics(groups)
+
+    perfect = metrics(20, 0.0)
+    assert perfect.pairwise_accuracy_ci == [1.0, 1.0]
+    few, many = metrics(40, 0.25), metrics(400, 0.25)
+    for m in (few, many):
+        low, high = m.pairwise_accuracy_ci
+        assert low < m.pairwise_accuracy < high and abs(m.pairwise_accuracy - 0.75) < 1e-9
+    # prompts, not pairs, are the unit: 40 prompts' interval is about sqrt(10) times wider than 400's
+    width = lambda m: m.pairwise_accuracy_ci[1] - m.pairwise_accuracy_ci[0]  # noqa: E731
+    assert 2.0 < width(few) / width(many) < 5.0 and width(few) > 0.15
+
+
 def test_pairwise_weights_recover_the_feature_that_decides_the_ranking():
     rng = random.Random(0)
     groups = []
