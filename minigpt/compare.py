@@ -44,6 +44,8 @@ from minigpt.tokenizer import Tokenizer
 log = logging.getLogger("minigpt.compare")
 
 FEWSHOT_EXAMPLES = 3  # demonstrations in the base model's prompt, as the SFT stage's default
+# The SFT model sampled at these lower temperatures: what sharpening alone, with no training, gains
+SHARPENED_TEMPERATURES = (0.5, 0.3)
 # What each kind of stage folder reports about itself, in the report card.
 HEADLINE_KEYS = {
     "pretrain": ("val_loss", "val_bpb"),
@@ -177,7 +179,8 @@ def collect(run_dir: Path, config: EvalConfig, eval_data=None, sft_data=None) ->
         evaluations[stage.name] = evaluation
     report = {"run": run_dir.name, "prompts": len(records), "eval_config": dataclasses.asdict(config),
               "gold_note": None if judged else NO_JUDGE_NOTE,
-              "stages": {}, "pairs": {}, "best_of_n": {}, "calibration": {}, "report_card": report_card(run_dir)}
+              "stages": {}, "pairs": {}, "best_of_n": {}, "calibration": {}, "sharpening": {},
+              "report_card": report_card(run_dir)}
     for stage in stages:
         summary = summarise(evaluations[stage.name])
         report["stages"][stage.name] = {**summary, "checkpoint": str(stage.folder), "parent": stage.parent,
@@ -193,10 +196,41 @@ def collect(run_dir: Path, config: EvalConfig, eval_data=None, sft_data=None) ->
     if reward is not None and reference is not None and judged:
         report["best_of_n"] = saved_or_new_best_of_n(run_dir, reference, records, reward, config)
         report["calibration"] = calibration(evaluations)
+    if reference is not None and judged and "sft" in evaluations:
+        report["sharpening"] = sharpening_baselines(reference, Tokenizer.load(run_dir / "sft"), records, config,
+                                                    evaluations)
     report["responses"] = [{"id": r.get("id", str(i)), "kind": r.get("kind"), "prompt": prompt_text(r),
                             **{name: answer_row(ev["prompts"][i]) for name, ev in evaluations.items()}}
                            for i, r in enumerate(records)]
     return json_safe(report)
+
+
+def sharpening_baselines(sft_model, tokenizer, records, config: EvalConfig, evaluations: dict,
+                         temperatures=SHARPENED_TEMPERATURES) -> dict:
+    """The SFT model sampled at lower temperatures, against SFT at the evaluation's and against every RLHF stage.
+
+    A lower temperature makes the sampled answers more like the greedy one, which is better here, at no
+    training cost. RLHF's sampled gain is partly such sharpening (its greedy gain says how much is not);
+    this row says how much sharpening alone buys, so an RLHF stage that does no better is only sharpening."""
+    sft = evaluations["sft"]
+    rlhf = [name for name in evaluations if name not in ("base", "sft")]
+    out = {}
+    for temperature in temperatures:
+        sharpened = evaluate(sft_model, tokenizer, records, dataclasses.replace(config, temperature=temperature),
+                             name=f"sft T={temperature:g}", is_reference=True)
+        summary = summarise(sharpened)
+        gain = pair(sft, sharpened, "sft", f"sft at T={temperature:g}")
+        row = {"gold_sampled": summary["gold_sampled"], "gold_sampled_ci": summary["gold_sampled_ci"],
+               "gain_sampled": gain["gain_sampled"], "gain_sampled_ci": gain["gain_sampled_ci"],
+               "win_rate": gain["win_rate"], "win_rate_ci": gain["win_rate_ci"], "stages": {}}
+        for name in rlhf:  # the stage's sampled answers (at the evaluation temperature) minus sharpened SFT's
+            versus = pair(sharpened, evaluations[name], f"sft at T={temperature:g}", name)
+            row["stages"][name] = {"gain_sampled": versus["gain_sampled"], "gain_sampled_ci": versus["gain_sampled_ci"]}
+        log.info("sft sampled at T=%g: gold %.3f, %+.3f over T=%g (95%% CI %+.3f to %+.3f)%s", temperature,
+                 row["gold_sampled"], row["gain_sampled"], config.temperature, *row["gain_sampled_ci"],
+                 "".join(f"; {name} {v['gain_sampled']:+.3f} against it" for name, v in row["stages"].items()))
+        out[f"{temperature:g}"] = row
+    return out
 
 
 def which_method_won(pairs: dict) -> str | None:
@@ -254,6 +288,8 @@ HOW_TO_READ = (
     "Win rate: the share of prompts where a stage's expected gold beats the other's (ties count half). "
     "Best-of-n: n SFT samples, the reward model keeps one — if that does not beat a single sample, PPO against "
     "the same reward model cannot either; the oracle (the judge picks) is the ceiling of reranking. "
+    "Sharpening alone: the SFT model sampled at a lower temperature, no training; an RLHF stage whose sampled "
+    "gold does not beat it has only sharpened the SFT model. "
     "Calibration: Spearman between reward-model score and gold over all answers. RM: reward-model score "
     "(normalised); KL: nats per answer to the SFT model, measured on the policy's own samples.")
 
@@ -309,6 +345,16 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                     [[n, fmt(b["mean"]), with_ci(b["reward_model"], b["reward_model_ci"]),
                       with_ci(b["gain"], b["gain_ci"], signed=True), with_ci(b["oracle"], b["oracle_ci"]), fmt(b["kl"], 2)]
                      for n, b in report["best_of_n"].items()]))
+    if report.get("sharpening"):
+        rlhf = list(next(iter(report["sharpening"].values()))["stages"])
+        out.append(("Sharpening alone: SFT sampled at a lower temperature, no training",
+                    ["SFT sampled at", "gold sampled [95% CI]", f"gain over T={report['eval_config']['temperature']:g}",
+                     "win rate", *(f"{name} minus it" for name in rlhf)],
+                    [[f"T={t}", with_ci(r["gold_sampled"], r["gold_sampled_ci"]),
+                      with_ci(r["gain_sampled"], r["gain_sampled_ci"], signed=True), pct_ci(r["win_rate"], r["win_rate_ci"]),
+                      *(with_ci(r["stages"][name]["gain_sampled"], r["stages"][name]["gain_sampled_ci"], signed=True)
+                        for name in rlhf)]
+                     for t, r in report["sharpening"].items()]))
     if report["calibration"]:
         out.append(("Reward-model calibration (Spearman with gold)", ["answers of", "Spearman"],
                     [[name, fmt(rho, 2)] for name, rho in report["calibration"].items()]))

@@ -55,11 +55,36 @@ def test_compare_writes_one_finite_entry_per_stage(compared):
         assert best["oracle"] >= best["reward_model"] - 1e-9 and best["oracle"] >= best["mean"] - 1e-9
         assert best["kl"] == pytest.approx(math.log(n) - (n - 1) / n, abs=1e-5)
     assert set(report["calibration"]) == {*STAGES, "all"}
+    assert set(report["sharpening"]) == {"0.5", "0.3"}  # SFT sampled at lower temperatures, against every RLHF stage
+    for row in report["sharpening"].values():
+        assert row["gold_sampled_ci"][0] <= row["gold_sampled"] <= row["gold_sampled_ci"][1]
+        assert "ppo" in row["stages"] and math.isfinite(row["stages"]["ppo"]["gain_sampled"])
     prompts = sum(1 for line in (run_dir / "data" / "prompts_eval.jsonl").read_text().splitlines() if line.strip())
     assert report["prompts"] == len(report["responses"]) == prompts
     for entry in report["responses"]:
         assert all(isinstance(entry[name]["text"], str) and entry[name]["length"] >= 0 for name in STAGES)
     assert "NaN" not in (run_dir / "compare" / "report.json").read_text()
+
+
+def test_sharpening_baseline_samples_at_its_own_temperature(compared):
+    """Near temperature 0 the sharpened SFT samples are SFT's greedy answers: its sampled gold is the greedy gold."""
+    import torch
+
+    from minigpt.checkpoint import load_causal_lm
+    from minigpt.compare import sharpening_baselines
+    from minigpt.config import EvalConfig, load_config
+    from minigpt.evaluation import eval_records, evaluate, summarise
+    from minigpt.tokenizer import Tokenizer
+
+    run_dir, _ = compared
+    torch.set_num_threads(1)
+    config = load_config(EvalConfig, "tiny")
+    records = eval_records(run_dir / "data", config)
+    sft, tokenizer = load_causal_lm(run_dir / "sft").eval(), Tokenizer.load(run_dir / "sft")
+    evaluations = {"sft": evaluate(sft, tokenizer, records, config, is_reference=True)}
+    row = sharpening_baselines(sft, tokenizer, records, config, evaluations, temperatures=(1e-4,))["0.0001"]
+    assert row["gold_sampled"] == pytest.approx(summarise(evaluations["sft"])["gold_greedy"], abs=1e-9)
+    assert row["stages"] == {}  # no RLHF stage given
 
 
 def test_html_report_is_self_contained_with_embedded_curves(compared):
@@ -76,6 +101,7 @@ def test_terminal_table_lists_every_stage(compared):
     _, stdout = compared
     rows = {line.split()[0] for line in stdout.splitlines() if line.strip()}
     assert set(STAGES) <= rows and {"sft_vs_base", "ppo_vs_sft"} <= rows
+    assert "Sharpening alone" in stdout
     assert "report.html" in stdout
 
 
