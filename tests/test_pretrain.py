@@ -66,3 +66,20 @@ def test_sample_command_names_a_missing_checkpoint(tmp_path):
     result = subprocess.run([PYTHON, "-m", "minigpt.sample", "--ckpt", str(tmp_path / "nope"), "--prompt", "x"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "nope" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compiled_pretraining_saves_resume_state_and_a_plain_checkpoint(tiny_runs, tmp_path):
+    """compile=on (the gpu preset's auto choice, wherever it wins) saves what an eager run saves: the model's own
+    weight names, not torch.compile's `_orig_mod.` wrapper (which safetensors refused: tied weights)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(tiny_runs / "t", tmp_path / "c", ignore=shutil.ignore_patterns("pretrain"))
+    run_stage("pretrain", tmp_path, "compile=on", "max_steps=6", "save_every=3", "eval_every=3",
+              "sample_every=1000", run="c")
+    out = tmp_path / "c" / "pretrain"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["speed"]["compile"] is True and metrics["steps"] == 6
+    names = load_file(str(out / "model.safetensors"))
+    assert names and not any("_orig_mod" in name for name in names)
