@@ -130,10 +130,10 @@ def main():
              "head_mean": statistics.fmean(h for f, _ in sft_groups for h, _ in f), "max_length": config.max_length,
              "head_pairwise_accuracy": head_only.pairwise_accuracy,
              "confidence_pairwise_accuracy": confidence_only.pairwise_accuracy}
-    log.info("reward model on %d held-out prompts: pairwise accuracy %.3f (95%% CI %.3f to %.3f; head alone %.3f, "
+    log.info("reward model on held-out prompts (%d): pairwise accuracy %.3f (95%% CI %.3f to %.3f; head alone %.3f, "
              "SFT confidence alone %.3f), top-1 %.3f, Kendall tau %.3f; reward = %.3f x head %+.3f x confidence",
-             quality.n_prompts, quality.pairwise_accuracy, *quality.pairwise_accuracy_ci, head_only.pairwise_accuracy, confidence_only.pairwise_accuracy, quality.top1_accuracy,
-             quality.kendall_tau, head_weight, confidence_weight)
+             quality.n_prompts, quality.pairwise_accuracy, *quality.pairwise_accuracy_ci, head_only.pairwise_accuracy,
+             confidence_only.pairwise_accuracy, quality.top1_accuracy, quality.kendall_tau, head_weight, confidence_weight)
     final["labelled_prompts"] = len(rankings)
     final["labelled_comparisons"] = sum(len(ranking_pairs(r["ranks"])) for r in rankings)
 
