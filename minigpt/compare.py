@@ -216,7 +216,9 @@ def sharpening_baselines(sft_model, tokenizer, records, config: EvalConfig, eval
     rlhf = [name for name in evaluations if name not in ("base", "sft")]
     out = {}
     for temperature in temperatures:
-        sharpened = evaluate(sft_model, tokenizer, records, dataclasses.replace(config, temperature=temperature),
+        # no policy samples: they are drawn at temperature 1, so SFT's own evaluation already has them
+        sharpened = evaluate(sft_model, tokenizer, records,
+                             dataclasses.replace(config, temperature=temperature, kl_samples=0),
                              name=f"sft T={temperature:g}", is_reference=True)
         summary = summarise(sharpened)
         gain = pair(sft, sharpened, "sft", f"sft at T={temperature:g}")

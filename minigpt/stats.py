@@ -20,6 +20,11 @@ def _resampled_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return values[idx].mean(axis=1)
 
 
+def _percentile_interval(resampled: np.ndarray, level: float) -> list[float]:
+    tail = (1 - level) / 2 * 100
+    return [float(np.percentile(resampled, tail)), float(np.percentile(resampled, 100 - tail))]
+
+
 def bootstrap_ci(values, n_boot: int = BOOTSTRAP_SAMPLES, level: float = LEVEL, seed: int = 0) -> list[float]:
     """[low, high] percentile-bootstrap interval of the mean of `values` (one value per prompt)."""
     values = np.asarray(values, dtype=float)
@@ -27,9 +32,7 @@ def bootstrap_ci(values, n_boot: int = BOOTSTRAP_SAMPLES, level: float = LEVEL, 
         return [float("nan"), float("nan")]
     if len(values) == 1:
         return [float(values[0])] * 2
-    means = _resampled_means(values, n_boot, seed)
-    tail = (1 - level) / 2 * 100
-    return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
+    return _percentile_interval(_resampled_means(values, n_boot, seed), level)
 
 
 def bootstrap_ratio_ci(numerators, denominators, n_boot: int = BOOTSTRAP_SAMPLES, level: float = LEVEL,
@@ -40,9 +43,7 @@ def bootstrap_ratio_ci(numerators, denominators, n_boot: int = BOOTSTRAP_SAMPLES
     if len(num) == 0 or den.sum() == 0:
         return [float("nan"), float("nan")]
     idx = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
-    ratios = num[idx].sum(axis=1) / np.maximum(den[idx].sum(axis=1), 1e-12)
-    tail = (1 - level) / 2 * 100
-    return [float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))]
+    return _percentile_interval(num[idx].sum(axis=1) / np.maximum(den[idx].sum(axis=1), 1e-12), level)
 
 
 def paired_gain(before, after, n_boot: int = BOOTSTRAP_SAMPLES, level: float = LEVEL, seed: int = 0):

@@ -91,7 +91,9 @@ def main():
     speed.apply()
     model, *optimizer.optimizers = accelerator.prepare(model, *optimizer.optimizers)
     model = speed.wrap(model)
-    params = count_parameters(accelerator.unwrap_model(model, keep_torch_compile=False))
+    # the plain model under accelerate's and torch.compile's wrappers: what is sampled from and saved
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    params = count_parameters(raw_model)
     log.info("model: %.2fM parameters, %d layers x %d wide, context %d, vocab %d", params / 1e6,
              config.n_layer, config.n_embd, config.block_size, tokenizer.vocab_size)
 
@@ -118,19 +120,18 @@ def main():
         return loss, loss / math.log(2) / bytes_per_token
 
     def write_samples(step):
-        raw = accelerator.unwrap_model(model, keep_torch_compile=False)
-        raw.eval()
+        raw_model.eval()
         prompts = [[tokenizer.bos_id] + tokenizer.encode(p) for p in SAMPLE_PROMPTS]
-        gen = generate(raw, prompts, SamplingConfig(max_new_tokens=40, temperature=0.8, top_k=50, seed=step),
+        gen = generate(raw_model, prompts, SamplingConfig(max_new_tokens=40, temperature=0.8, top_k=50, seed=step),
                        stop_ids=[tokenizer.bos_id], pad_id=tokenizer.pad_id)
         for prompt, tokens in zip(SAMPLE_PROMPTS, gen.tokens):
             log.info("sample @%d: %s|%s", step, prompt, tokenizer.decode(tokens).replace("\n", " "))
-        raw.train()
+        raw_model.train()
 
     def save(step, elapsed):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_resume_state(out, accelerator.unwrap_model(model, keep_torch_compile=False), optimizer, None,
+            save_resume_state(out, raw_model, optimizer, None,
                               {"step": step, "elapsed": elapsed, "train_tokens": train_tokens_seen,
                                "config": resume_key, "speed": speed.as_dict()})
         accelerator.wait_for_everyone()
@@ -202,10 +203,9 @@ def main():
         metrics.log(step=step, val_loss=val_loss, val_bpb=val_bpb)
         if step % config.sample_every:
             write_samples(step)
-        raw = accelerator.unwrap_model(model, keep_torch_compile=False)
         manifest = make_manifest("pretrain", config, args, parent=None, data_files=[source], metrics=final,
                                  tokenizer=str(tokenizer_dir), speed=speed.as_dict())
-        save_model(raw, out, tokenizer_dir, manifest)
+        save_model(raw_model, out, tokenizer_dir, manifest)
         plot_curves(metrics.read(), ["train_loss", "val_loss", "val_bpb", "lr"], out / "loss.png", "pretrain")
         write_json_atomic(out / "metrics.json", final)
         clear_resume_state(out)
