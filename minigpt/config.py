@@ -81,7 +81,9 @@ class PretrainConfig:
     # auto | float32 | bfloat16 (autocast). auto times a few training steps at stage start in fp32, bf16
     # autocast and (CPU) oneDNN bf16 matmuls, and keeps the fastest only if measurably faster (minigpt/speed.py)
     dtype: str = "auto"
-    compile: str = "off"  # auto | on | off: auto measures torch.compile too (on CPU compiling takes minutes)
+    # auto | on | off: auto measures torch.compile too; its 20-60 s of compiling on a 2-core CPU come out of
+    # max_time, which at the cpu preset's 600 s ate the compiled step's 1.25x (README, Performance)
+    compile: str = "off"
     speed_batch: int = 4  # sequences per step the auto choices are timed on
     # bookkeeping
     eval_every: int = 250

@@ -174,9 +174,12 @@ class MiniGPTModel(MiniGPTPreTrainedModel):
             from transformers import DynamicCache
             cache = DynamicCache()
         past = cache.get_seq_length() if cache is not None else 0
+        # Only positions a caller gives can restart inside a row (packing); derived ones never do, and
+        # not looking spares a data-dependent check that would split a torch.compile'd graph in two.
+        may_be_packed = position_ids is not None
         if position_ids is None:
             position_ids = positions_from_mask(attention_mask, past, T, x.device)
-        mask = attention_mask_4d(attention_mask, position_ids, past, T)
+        mask = attention_mask_4d(attention_mask, position_ids, past, T, may_be_packed)
         cos, sin = self.rope(position_ids, x.dtype)
         x = self.drop(x)
         for block in self.blocks:
@@ -192,7 +195,7 @@ def positions_from_mask(attention_mask, past: int, T: int, device):
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
 
 
-def attention_mask_4d(attention_mask, position_ids, past: int, T: int):
+def attention_mask_4d(attention_mask, position_ids, past: int, T: int, may_be_packed: bool = True):
     """The boolean mask (B, 1, T, past+T) for SDPA, or None when plain causal attention will do.
 
     Three cases need a mask: left padding (attention_mask has zeros before real tokens), packed sequences (position_ids
@@ -205,7 +208,8 @@ def attention_mask_4d(attention_mask, position_ids, past: int, T: int):
         # Right padding only: causal attention already keeps real tokens from seeing the pads after
         # them, and what pads compute is never used. Plain causal attention is the fast kernel.
         padded = False
-    packed = attention_mask is None and past == 0 and T > 1 and bool((position_ids[:, 1:] == 0).any())
+    packed = (may_be_packed and attention_mask is None and past == 0 and T > 1
+              and bool((position_ids[:, 1:] == 0).any()))
     if not padded and not packed and (past == 0 or T == 1):
         return None
     device = position_ids.device

@@ -164,12 +164,16 @@ def measure(steps: dict, repeats: int = 5, min_seconds: float = 0.0) -> dict:
 
 
 def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str = "auto", compile="auto",
-                 repeats: int = 5) -> SpeedDecision:
+                 repeats: int = 5, compile_batch: int | None = None) -> SpeedDecision:
     """Time the candidate settings on `model` itself and return the fastest that beats fp32 eager.
 
     An explicit `dtype` (float32 / bfloat16) or `compile` (on / off) is obeyed, not measured.
     The model's weights are not changed (forward and backward only; gradients are discarded).
+    `compile_batch` (default `batch`): the batch torch.compile is tried and timed at. Give the run's own
+    micro-batch, so the training loop reuses the graph compiled here instead of compiling another one
+    for a new shape (a second shape also makes torch.compile fall back to shape-generic kernels).
     """
+    compile_batch = compile_batch or batch
     compile = parse_compile(compile)
     maths, notes = candidate_maths(dtype, device)
     decision = SpeedDecision(math=maths[0], notes=notes)
@@ -187,7 +191,7 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
         else:
             decision.step_seconds = measure(steps, 2) if compile == "auto" else {}
         if compile != "off":
-            compiled, seconds, error = try_compile(model, batch, block, vocab, device, decision.math)
+            compiled, seconds, error = try_compile(model, compile_batch, block, vocab, device, decision.math)
             decision.compile_seconds = seconds
             if error:
                 if compile == "on":
@@ -197,9 +201,10 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
                 decision.compile = True
             else:
                 # A round of its own, with fp32 eager beside it: every ratio is from one round.
-                round_steps = {m: steps[m] for m in dict.fromkeys(["fp32", decision.math]) if m in steps}
+                round_steps = {m: training_step_fn(model, compile_batch, block, vocab, device, m)
+                               for m in dict.fromkeys(["fp32", decision.math])}
                 name = decision.math + "+compile"
-                round_steps[name] = training_step_fn(compiled, batch, block, vocab, device, decision.math)
+                round_steps[name] = training_step_fn(compiled, compile_batch, block, vocab, device, decision.math)
                 decision.compile_round = measure(round_steps, repeats)
                 baseline = min((decision.compile_round[m] for m in round_steps if m != name))
                 decision.compile = decision.compile_round[name] < (1 - MARGIN) * baseline

@@ -87,7 +87,11 @@ def main():
                          f"{world} processes")
     per_process = global_batch // world
     micro = math.ceil(per_process / config.grad_accum)  # sequences per forward pass
+    # The speed decision (and any compiling it does) is spent from the training budget: a faster step
+    # must pay for its own set-up inside the same wall time.
+    decision_started = time.time()
     speed = decide_speed(config, state, model.to(accelerator.device), micro, tokenizer.vocab_size, accelerator)
+    elapsed_before += time.time() - decision_started
     speed.apply()
     model, *optimizer.optimizers = accelerator.prepare(model, *optimizer.optimizers)
     model = speed.wrap(model)
@@ -99,8 +103,8 @@ def main():
 
     rank = accelerator.process_index
 
-    def loss_of(inputs, targets):
-        logits = model(input_ids=inputs.to(accelerator.device)).logits
+    def loss_of(inputs, targets, net=model):
+        logits = net(input_ids=inputs.to(accelerator.device)).logits
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.to(accelerator.device).reshape(-1))
 
     @torch.no_grad()
@@ -109,8 +113,9 @@ def main():
         offsets = val.eval_offsets(config.eval_batches * config.batch_size)
         losses = []
         for chunk in offsets.split(config.batch_size)[rank::world]:
+            # the plain model: a compiled one would compile a second (no-grad) graph for a few evaluations
             with autocast_for(speed.math, accelerator.device):
-                losses.append(loss_of(*val.blocks(chunk)))
+                losses.append(loss_of(*val.blocks(chunk), net=raw_model))
         # Summed and counted over processes, then divided: processes may hold different numbers of batches.
         total = torch.stack([torch.stack(losses).sum() if losses else torch.tensor(0.0, device=accelerator.device),
                              torch.tensor(float(len(losses)), device=accelerator.device)])
@@ -226,8 +231,10 @@ def decide_speed(config, state, model, micro, vocab, accelerator) -> SpeedDecisi
         return decision
     started = time.time()
     # A few sequences of the real length measure the same kernels as the full micro-batch, in a few seconds.
+    # compile is tried at the real micro-batch: the training loop then reuses that compiled graph.
     decision = [choose_speed(model, min(micro, config.speed_batch), config.block_size, vocab, accelerator.device,
-                             config.dtype, config.compile) if accelerator.is_main_process else None]
+                             config.dtype, config.compile, compile_batch=micro)
+                if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(decision)
     decision = decision[0]

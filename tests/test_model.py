@@ -54,6 +54,15 @@ def test_packed_sequences_equal_separate_ones():
     assert torch.allclose(out[6:], m(b[None]).logits[0], atol=1e-5)
 
 
+def test_pretraining_forward_compiles_to_a_single_graph():
+    """A graph break (e.g. a data-dependent check that needs a tensor's value) splits a torch.compile'd
+    model into pieces compiled apart: the pretraining forward (no mask, no positions) must have none."""
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model().train())(input_ids=torch.randint(1, 97, (2, 16)))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 def test_cached_decoding_matches_uncached():
     m = model()
     prompt = torch.randint(1, 97, (2, 5))

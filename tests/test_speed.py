@@ -91,6 +91,26 @@ def test_a_faster_compiled_model_is_used(monkeypatch):
     assert decision.compile and decision.name() == "fp32+compile" and decision.speedup() == 2.0
 
 
+def test_compile_is_tried_and_timed_at_the_runs_own_micro_batch(monkeypatch):
+    """The training loop reuses the graph compiled while measuring only if both see the same shape."""
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, **kwargs):
+            seen.append(input_ids.shape[0])
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Recording(model))
+    decision = speed.choose_speed(tiny_model(), batch=2, block=BLOCK, vocab=VOCAB, device="cpu", dtype="float32",
+                                  compile="auto", repeats=2, compile_batch=6)
+    assert seen and set(seen) == {6}
+    assert set(decision.compile_round) == {"fp32", "fp32+compile"}
+
+
 def test_measuring_leaves_weights_and_random_stream_alone():
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
