@@ -115,6 +115,11 @@ class SFTConfig:
     weight_decay: float = 0.0
     max_length: int = 256
     packing: bool = False
+    # a batch as one row of its dialogues end to end (attention kept within each by position ids): the
+    # same examples, steps and loss as padded batches, without computing the padding (random batches of
+    # the world's dialogues are half padding: 1.6x faster on the cpu preset). Our attention then masks one
+    # (tokens x tokens) square per batch, so it pays for small batches of short dialogues, not for the gpu preset's
+    padding_free: bool = True
     eval_steps: int = 100
     save_steps: int = 100
     max_time: float = 0.0
@@ -130,7 +135,7 @@ class SFTConfig:
         "tiny": dict(epochs=1.0, max_steps=30, batch_size=8, eval_steps=15, save_steps=15,
                      max_length=128),
         "gpu": dict(epochs=3.0, batch_size=64, lr=2e-4, max_length=512, eval_steps=200,
-                    save_steps=200),
+                    save_steps=200, padding_free=False),
     }
 
 

@@ -38,6 +38,13 @@ def lora_config(config: SFTConfig):
                       target_modules=config.lora_targets.split(","), task_type="CAUSAL_LM")
 
 
+def truncate_tokenized(dataset, max_length: int):
+    """Each tokenized dialogue cut to `max_length` tokens (as TRL does for padded batches); dialogues left
+    without an assistant token to learn from are dropped."""
+    cut = dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]})
+    return cut.filter(lambda row: any(label != -100 for label in row["labels"]))
+
+
 def main():
     is_main = is_main_process()
     args, config = begin_stage("sft", SFTConfig, main_process=is_main)
@@ -60,8 +67,10 @@ def main():
         per_device_train_batch_size=per_device_batch(config.batch_size, "batch_size"),
         per_device_eval_batch_size=per_device_batch(config.batch_size, "batch_size"),
         gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length,
+        # TRL does not truncate padding-free batches (one row per batch); the stage truncates each dialogue below
+        max_length=None if config.padding_free and not config.packing else config.max_length,
         packing=config.packing,
+        padding_free=config.padding_free,
         assistant_only_loss=True,  # the user's words are context, not targets
         dataset_num_proc=None,
     )
@@ -71,6 +80,9 @@ def main():
         trainer = SFTTrainer(model=model, args=training_args, train_dataset=as_dataset(train_dialogues),
                              eval_dataset=as_dataset(val_dialogues), processing_class=tokenizer.to_transformers(),
                              peft_config=lora_config(config) if config.lora else None, callbacks=[callback])
+        if config.padding_free and not config.packing:
+            trainer.train_dataset = truncate_tokenized(trainer.train_dataset, config.max_length)
+            trainer.eval_dataset = truncate_tokenized(trainer.eval_dataset, config.max_length)
         run_trainer(trainer, out, callback)
     val_loss = trainer.evaluate()["eval_loss"]
     if not is_main:  # the gold evaluation and the checkpoint are the main process's alone

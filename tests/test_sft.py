@@ -4,6 +4,7 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
 from datasets import Dataset
 
@@ -70,6 +71,23 @@ def test_tiny_sft_lowers_held_out_loss_and_scores_with_the_judge(tiny_sft):
     for key in ("val_loss", "gold_score", "gold_score_base", "gold_correct", "gold_concise"):
         assert 0 <= metrics[key] < 20, key
     assert json.loads((tiny_sft / "manifest.json").read_text())["stage"] == "sft"
+
+
+def test_padding_free_batches_train_like_padded_ones(tiny_pretrained, tmp_path):
+    """One row of dialogues end to end, kept apart by position ids, is the padded batch without its
+    padding: the same per-step training losses and held-out loss (to float noise)."""
+    curves = {}
+    for padding_free in ("false", "true"):
+        out = tmp_path / padding_free
+        run_stage("sft", tiny_pretrained, "--out", str(out), f"padding_free={padding_free}", "max_steps=6",
+                  "eval_steps=2", "save_steps=1000")
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        curves[padding_free] = ([row["loss"] for row in rows if "loss" in row],
+                                json.loads((out / "metrics.json").read_text())["val_loss"])
+    (padded, padded_val), (free, free_val) = curves["false"], curves["true"]
+    assert len(padded) >= 3 and len(padded) == len(free)
+    assert padded == pytest.approx(free, rel=1e-3)
+    assert padded_val == pytest.approx(free_val, rel=1e-3)
 
 
 def test_lora_sft_writes_a_plain_checkpoint(tiny_pretrained, tmp_path):
