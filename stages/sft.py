@@ -62,13 +62,14 @@ def main():
     # --- model and trainer ---------------------------------------------------------------------------
     tokenizer = Tokenizer.load(parent)
     model = load_causal_lm(parent)
+    # TRL does not truncate padding-free batches (one row per batch) unless it packs; then the stage does
+    truncate_here = config.padding_free and not config.packing
     training_args = TRLSFTConfig(
         **common_training_arguments(out, config, args.seed),
         per_device_train_batch_size=per_device_batch(config.batch_size, "batch_size"),
         per_device_eval_batch_size=per_device_batch(config.batch_size, "batch_size"),
         gradient_accumulation_steps=config.grad_accum,
-        # TRL does not truncate padding-free batches (one row per batch); the stage truncates each dialogue below
-        max_length=None if config.padding_free and not config.packing else config.max_length,
+        max_length=None if truncate_here else config.max_length,
         packing=config.packing,
         padding_free=config.padding_free,
         assistant_only_loss=True,  # the user's words are context, not targets
@@ -80,7 +81,7 @@ def main():
         trainer = SFTTrainer(model=model, args=training_args, train_dataset=as_dataset(train_dialogues),
                              eval_dataset=as_dataset(val_dialogues), processing_class=tokenizer.to_transformers(),
                              peft_config=lora_config(config) if config.lora else None, callbacks=[callback])
-        if config.padding_free and not config.packing:
+        if truncate_here:
             trainer.train_dataset = truncate_tokenized(trainer.train_dataset, config.max_length)
             trainer.eval_dataset = truncate_tokenized(trainer.eval_dataset, config.max_length)
         run_trainer(trainer, out, callback)
