@@ -120,21 +120,27 @@ def decode_rates(ours, gpt2, prompt_len, new_tokens, vocab):
 
 
 @torch.no_grad()
-def rollout_rates(ours, gpt2, prompts, prompt_len, new_tokens, vocab):
-    """Batched sampling, the PPO rollout shape: `prompts` rows of `prompt_len` tokens, `new_tokens` each."""
+def rollout_rates(ours, gpt2, prompts, prompt_len, new_tokens, vocab, temperature=0.0):
+    """Batched decoding, the PPO rollout shape: `prompts` rows of `prompt_len` tokens, `new_tokens` each.
+
+    Greedy (`temperature` 0), or sampled from the whole distribution as PPO's rollouts are (GPT-2's
+    `generate` is told top_k=0, since its default keeps only the 50 most likely tokens)."""
     ours.eval(), gpt2.eval()
     batch = torch.randint(0, vocab, (prompts, prompt_len))
-    greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
+    config = SamplingConfig(max_new_tokens=new_tokens, temperature=temperature, seed=0)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False)
 
     def ours_batched(model=ours):
         start = time.perf_counter()
-        generate(model, batch.tolist(), greedy)
+        out = generate(model, batch.tolist(), config)
+        assert all(len(row) == new_tokens for row in out.tokens)  # no stop tokens: every row runs to the end
         return prompts * new_tokens / (time.perf_counter() - start)
 
     def gpt2_batched():
         start = time.perf_counter()
         gpt2.generate(batch, attention_mask=torch.ones_like(batch), max_new_tokens=new_tokens,
-                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                      min_new_tokens=new_tokens, pad_token_id=0, **sampling)
         return prompts * new_tokens / (time.perf_counter() - start)
 
     return ours_batched, gpt2_batched
@@ -186,7 +192,10 @@ def main(argv=None):
     cached, uncached, reference = decode_rates(ours, gpt2, args.prompt_len, args.new_tokens, args.vocab)
     ours_batched, gpt2_batched = rollout_rates(ours, gpt2, args.rollout_prompts, args.prompt_len,
                                                args.rollout_tokens, args.vocab)
-    decode = {"cached": [], "uncached": [], "gpt2": [], "rollout": [], "rollout_gpt2": []}
+    ours_sampled, gpt2_sampled = rollout_rates(ours, gpt2, args.rollout_prompts, args.prompt_len,
+                                               args.rollout_tokens, args.vocab, temperature=1.0)
+    decode = {"cached": [], "uncached": [], "gpt2": [], "rollout": [], "rollout_gpt2": [], "rollout_sampled": [],
+              "rollout_sampled_gpt2": []}
     compiled = None
     if args.decode_compile:  # the same weights, decode step through torch.compile (static cache shapes)
         compiled = copy.deepcopy(ours)
@@ -202,6 +211,8 @@ def main(argv=None):
         decode["gpt2"].append(reference())
         decode["rollout"].append(ours_batched())
         decode["rollout_gpt2"].append(gpt2_batched())
+        decode["rollout_sampled"].append(ours_sampled())
+        decode["rollout_sampled_gpt2"].append(gpt2_sampled())
         if compiled is not None:
             decode["cached_compiled"].append(cached(compiled))
             decode["rollout_compiled"].append(ours_batched(compiled))
@@ -246,6 +257,10 @@ def main(argv=None):
         "rollout_tokens_per_sec": round(med["decode_rollout"], 1),
         "gpt2_rollout_tokens_per_sec": round(med["decode_rollout_gpt2"], 1),
         "rollout_ratio_vs_gpt2": round(med["decode_rollout"] / med["decode_rollout_gpt2"], 3),
+        # PPO's rollouts sample at temperature 1 from the whole distribution: the same shape, sampled
+        "rollout_sampled_tokens_per_sec": round(med["decode_rollout_sampled"], 1),
+        "gpt2_rollout_sampled_tokens_per_sec": round(med["decode_rollout_sampled_gpt2"], 1),
+        "rollout_sampled_ratio_vs_gpt2": round(med["decode_rollout_sampled"] / med["decode_rollout_sampled_gpt2"], 3),
     }
     if compiled is not None:
         result.update({

@@ -103,6 +103,18 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
     return logits
 
 
+def draw(probs, generator: torch.Generator | None = None):
+    """One token per row of `probs` (B, V), by inverse CDF: the first token whose running sum exceeds a
+    uniform number. The same distribution as `torch.multinomial(probs, 1)`, which on a CPU draws a random
+    number per vocabulary entry and costs ~40x more at the rollout shape (64 x 4096: 6.6 ms vs 0.15 ms,
+    most of a sampled decode step)."""
+    cdf = probs.cumsum(-1)  # float32: monotone under rounding, so a zero-probability token is never found
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the last sum
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+
+
 @torch.no_grad()
 def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(), pad_id: int = 0,
            generator: torch.Generator | None = None):
@@ -137,7 +149,7 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
             token = logits.argmax(-1)
         else:
             logits = filter_logits(logits / config.temperature, config.top_k, config.top_p)
-            token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+            token = draw(logits.softmax(-1), generator)
         token = token.masked_fill(done, pad_id)
         yield token
         done = done | torch.isin(token, stop)

@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import minigpt  # noqa: F401  (registers the Auto classes)
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from minigpt.sampling import KVCache, SamplingConfig, compile_decoding, generate
+from minigpt.sampling import KVCache, SamplingConfig, compile_decoding, draw, generate
 
 torch.manual_seed(0)
 CONFIG = MiniGPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=64, pad_token_id=0)
@@ -91,6 +91,16 @@ def test_compiled_decoding_gives_the_same_greedy_tokens_as_eager():
     compiled = copy.deepcopy(m)
     compile_decoding(compiled)
     assert generate(compiled, prompts, greedy).tokens == eager
+
+
+def test_draw_picks_each_token_as_often_as_its_probability_and_never_an_impossible_one():
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0]).repeat(50_000, 1)
+    frequency = torch.bincount(draw(probs, generator), minlength=6) / 50_000
+    assert frequency[[0, 2, 5]].sum() == 0  # zero probability, at the start, between and at the end
+    assert torch.allclose(frequency, probs[0], atol=0.01)
+    edges = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]).repeat(1000, 1)
+    assert draw(edges, generator).view(-1, 2).eq(torch.tensor([0, 2])).all()
 
 
 def test_the_sampler_decodes_through_peft_lora_layers():
