@@ -100,17 +100,34 @@ class RankingRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length: a batch is padded to its longest, and the stages score
+    prompts from a one-line question to a passage, so batching in the given order mostly computes padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def in_given_order(batches: list[list[int]], values: list[torch.Tensor]) -> torch.Tensor:
+    """Per-batch results put back in the order of the inputs."""
+    if not batches:
+        return torch.zeros(0)
+    out = torch.empty(sum(len(b) for b in batches))
+    out[torch.tensor([i for b in batches for i in b])] = torch.cat(values).cpu()
+    return out
+
+
 @torch.no_grad()
 def score_conversations(reward_model, tokenizer, prompts: list[list[dict]], responses: list[str],
                         max_length: int = 256, batch_size: int = 64) -> torch.Tensor:
     """Reward-model scores (n,) of responses to prompts (message lists)."""
     device = next(reward_model.parameters()).device
     sequences = [encode_response(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    batches = batches_by_length([len(s) for s in sequences], batch_size)
     scores = []
-    for start in range(0, len(sequences), batch_size):
-        ids, mask = left_pad(sequences[start:start + batch_size], tokenizer.pad_id, device)
+    for batch in batches:
+        ids, mask = left_pad([sequences[i] for i in batch], tokenizer.pad_id, device)
         scores.append(reward_model(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float())
-    return torch.cat(scores) if scores else torch.zeros(0)
+    return in_given_order(batches, scores)
 
 
 @torch.no_grad()
@@ -123,9 +140,10 @@ def response_confidence(language_model, tokenizer, prompts: list[list[dict]], re
         ids = encode_response(tokenizer, prompt, response, max_length)
         n_response = len(tokenizer.encode(response)) + 1  # + <|end|>
         rows.append((ids, min(n_response, len(ids) - 1)))
+    batches = batches_by_length([len(ids) for ids, _ in rows], batch_size)
     out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+    for batch in batches:
+        chunk = [rows[i] for i in batch]
         width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -138,7 +156,7 @@ def response_confidence(language_model, tokenizer, prompts: list[list[dict]], re
         logits = language_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
         out.append((logp * scored).sum(1) / scored.sum(1).clamp_min(1))
-    return torch.cat(out).cpu() if out else torch.zeros(0)
+    return in_given_order(batches, out)
 
 
 @dataclass

@@ -147,6 +147,26 @@ def test_confidence_is_the_mean_log_probability_of_the_response_and_its_end(tiny
     assert torch.allclose(batch[0], by_hand, atol=1e-5) and batch[1] != batch[0]
 
 
+def test_scores_batched_by_length_come_back_in_the_order_of_the_inputs(tiny_ppo):
+    import torch
+
+    from minigpt.data import load_prompts
+    from minigpt.reward_model import load_reward_scorer, response_confidence, score_conversations
+
+    scorer = load_reward_scorer(tiny_ppo / "t" / "reward")
+    prompts = [r["messages"] for r in load_prompts(tiny_ppo / "t" / "data", "eval")[:5]]
+    responses = ["Four.", "It is a long answer that goes on for quite a few words.", "No.", "Mara.", "Yes, it is."]
+    one_by_one = torch.cat([score_conversations(scorer.model, scorer.tokenizer, [p], [r], batch_size=1)
+                            for p, r in zip(prompts, responses)])
+    assert torch.allclose(score_conversations(scorer.model, scorer.tokenizer, prompts, responses, batch_size=2),
+                          one_by_one, atol=1e-5)
+    if scorer.confidence_model is not None:
+        alone = torch.cat([response_confidence(scorer.confidence_model, scorer.tokenizer, [p], [r], batch_size=1)
+                           for p, r in zip(prompts, responses)])
+        assert torch.allclose(response_confidence(scorer.confidence_model, scorer.tokenizer, prompts, responses,
+                                                  batch_size=2), alone, atol=1e-5)
+
+
 def test_ppo_ptx_mixes_pretraining_text_into_the_updates(tiny_ppo, tmp_path):
     out = tmp_path / "ppo"
     run_stage("ppo", tiny_ppo, "--out", str(out), "steps=2", "eval_every=1000", "ptx_coef=1.0", "ptx_block_size=32")
