@@ -5,7 +5,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import minigpt  # noqa: F401  (registers the Auto classes)
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from minigpt.sampling import KVCache, SamplingConfig, compile_decoding, draw, generate
+from minigpt.sampling import KVCache, SamplingConfig, compile_decoding, draw, generate, static_cache_length
 
 torch.manual_seed(0)
 CONFIG = MiniGPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=64, pad_token_id=0)
@@ -91,6 +91,14 @@ def test_compiled_decoding_gives_the_same_greedy_tokens_as_eager():
     compiled = copy.deepcopy(m)
     compile_decoding(compiled)
     assert generate(compiled, prompts, greedy).tokens == eager
+
+
+def test_a_compiled_step_reads_the_whole_context_for_one_row_and_a_fitted_cache_for_a_batch():
+    assert static_cache_length(20, rows=1, block_size=256) == 256  # a conversation: one graph for every turn
+    assert static_cache_length(20, rows=64, block_size=256) == 64  # short rollouts: no empty slots to read
+    assert static_cache_length(65, rows=64, block_size=256) == 128
+    assert static_cache_length(250, rows=64, block_size=256) == 256
+    assert static_cache_length(300, rows=8, block_size=256) == 300  # never shorter than what is generated
 
 
 def test_draw_picks_each_token_as_often_as_its_probability_and_never_an_impossible_one():
