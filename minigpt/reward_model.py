@@ -30,7 +30,7 @@ import torch
 from trl import RewardTrainer
 
 from minigpt.ranking import ranking_loss, ranking_pairs
-from minigpt.sampling import left_pad
+from minigpt.sampling import batches_by_length, left_pad
 
 
 def encode_response(tokenizer, prompt_messages, response: str, max_length: int) -> list[int]:
@@ -98,13 +98,6 @@ class RankingRewardTrainer(RewardTrainer):
             metrics["margin"].append(self.accelerator.gather_for_metrics(margin.mean()).mean().item())
             metrics["mean_reward"].append(self.accelerator.gather_for_metrics(rewards.mean()).mean().item())
         return (loss, outputs) if return_outputs else loss
-
-
-def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices in batches of similar length: a batch is padded to its longest, and the stages score
-    prompts from a one-line question to a passage, so batching in the given order mostly computes padding."""
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def in_given_order(batches: list[list[int]], values: list[torch.Tensor]) -> torch.Tensor:

@@ -219,6 +219,13 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(
     return Generation(tokens, finished)
 
 
+def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices in batches of similar length: a batch is padded to its longest, and the stages' prompts run
+    from a one-line question to a passage, so batching in the given order mostly computes padding."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def generate_in_batches(model, prompts, config: SamplingConfig, stop_ids=(), pad_id=0, batch_size=64,
                         seed: int | None = None, progress: str | None = None) -> Generation:
     """`generate` over many prompts, `batch_size` at a time, reproducible from `seed`.
@@ -229,9 +236,8 @@ def generate_in_batches(model, prompts, config: SamplingConfig, stop_ids=(), pad
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed if seed is not None else 0)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     tokens, finished = [None] * len(prompts), [False] * len(prompts)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = batches_by_length([len(p) for p in prompts], batch_size)
     for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
         out = generate(model, [prompts[i] for i in batch], config, stop_ids, pad_id, generator)
         for i, toks, fin in zip(batch, out.tokens, out.finished):
