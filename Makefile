@@ -69,8 +69,8 @@ endif
 # minigpt/settings.py reads what the command gives and what the run remembers, refuses a silent
 # redo of finished stages, writes the stamps runs/$(RUN)/.settings/<stage> (Make reruns a stage whose
 # stamp is newer than its output) and hands back RUN_PRESET, RUN_SEED, RUN_<KIND>_DATA, RUN_<STAGE>_ARGS.
-PIPELINE_GOALS := data tokenizer pretrain sft samples label reward ppo dpo grpo alternatives compare all rlhf
-STAGE_VARS := DATA TOKENIZER PRETRAIN SFT SAMPLES REWARD PPO DPO GRPO COMPARE
+PIPELINE_GOALS := data tokenizer pretrain sft samples label reward ppo dpo grpo rsft alternatives compare all rlhf
+STAGE_VARS := DATA TOKENIZER PRETRAIN SFT SAMPLES REWARD PPO DPO GRPO RSFT COMPARE
 quote = '$(subst ','\'',$(1))'
 NL := @@newline@@
 define newline
@@ -91,12 +91,12 @@ endif
 COMMON = --run $(RUN) --runs-root $(RUNS_ROOT) --seed $(RUN_SEED) --preset $(RUN_PRESET)
 data_arg = $(if $(2),$(1) $(2))
 
-.PHONY: help setup test data tokenizer pretrain sft samples label reward ppo dpo grpo alternatives compare all rlhf chat sample bench clean-run
+.PHONY: help setup test data tokenizer pretrain sft samples label reward ppo dpo grpo rsft alternatives compare all rlhf chat sample bench clean-run
 .DEFAULT_GOAL := help
 
 help:
 	@echo "minigpt: make setup | data | tokenizer | pretrain | sft | samples | label | reward | ppo | compare | all"
-	@echo "         make dpo | grpo | alternatives (both, after the main pipeline; not part of all)"
+	@echo "         make dpo | grpo | rsft | alternatives (all three, after the main pipeline; not part of all)"
 	@echo "         make rlhf ROUNDS=N | chat [STAGE=ppo] | sample PROMPT='...' | bench | test"
 	@echo "variables: RUN PRESET SEED DATA *_DATA ARGS NPROC ACCEL_CONFIG FORCE (see the top of the Makefile)"
 
@@ -150,7 +150,8 @@ ppo: $(R)/ppo/metrics.json
 $(R)/ppo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/ppo
 	$(LAUNCH) stages/ppo.py $(COMMON) $(call data_arg,--data,$(RUN_PPO_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_PPO_ARGS)
 
-# ---- the alternatives to PPO: DPO on the ranked samples, GRPO with the reward model -------------
+# ---- the alternatives to PPO: DPO on the ranked samples, GRPO with the reward model, and rejection
+# sampling (RSFT: SFT on the reward model's best of k answers) ---------------------------------------
 dpo: $(R)/dpo/metrics.json
 $(R)/dpo/metrics.json: $(R)/samples/metrics.json $(R)/.settings/dpo
 	$(LAUNCH) stages/dpo.py $(COMMON) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_DPO_ARGS)
@@ -159,8 +160,12 @@ grpo: $(R)/grpo/metrics.json
 $(R)/grpo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/grpo
 	$(LAUNCH) stages/grpo.py $(COMMON) $(call data_arg,--data,$(RUN_PPO_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_GRPO_ARGS)
 
-alternatives: $(R)/ppo/metrics.json $(R)/dpo/metrics.json $(R)/grpo/metrics.json
-	@echo "minigpt: PPO, DPO and GRPO of runs/$(RUN) are done"
+rsft: $(R)/rsft/metrics.json
+$(R)/rsft/metrics.json: $(R)/reward/metrics.json $(R)/.settings/rsft
+	$(LAUNCH) stages/rsft.py $(COMMON) $(call data_arg,--data,$(RUN_PPO_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_RSFT_ARGS)
+
+alternatives: $(R)/ppo/metrics.json $(R)/dpo/metrics.json $(R)/grpo/metrics.json $(R)/rsft/metrics.json
+	@echo "minigpt: PPO, DPO, GRPO and RSFT of runs/$(RUN) are done"
 
 # `make all` runs up to ALL_ROUNDS rounds of sample → rank → reward model → PPO (round 1 is the
 # pipeline's own; each later one starts from the last policy, minigpt/rounds.py), starting another

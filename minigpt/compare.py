@@ -3,7 +3,7 @@
     python -m minigpt.compare --run default [--runs-root runs] [--preset cpu] [prompts=N]
 
 The stages present in runs/<RUN>/ (a folder with metrics.json), in pipeline order: `base`
-(pretrain/, asked with a few-shot plain-text prompt), `sft`, `ppo`, `dpo`, `grpo`, and each later
+(pretrain/, asked with a few-shot plain-text prompt), `sft`, `ppo`, `dpo`, `grpo`, `rsft`, and each later
 RLHF round `round<n>` (rounds/<n>/ppo). All go through the one shared evaluation
 (`minigpt.evaluation`: same prompts, greedy and sampled, same seeds); a stage that saved its own
 evaluation under the same settings is not asked again. Every answer also gets the run's reward-model
@@ -55,16 +55,18 @@ HEADLINE_KEYS = {
     "ppo": ("reward_before", "reward_after", "gold_before", "gold_after", "kl", "verdict"),
     "dpo": ("gold_sampled", "gold_greedy", "train_time_sec"),
     "grpo": ("gold_sampled", "gold_greedy", "train_time_sec"),
+    "rsft": ("gold_sampled", "gold_greedy", "kept_answers", "train_time_sec"),
 }
-PIPELINE = (("base", "pretrain", "pretrain"), ("sft", "sft", "sft"), ("ppo", "ppo", "ppo"), ("dpo", "dpo", "dpo"),
-            ("grpo", "grpo", "grpo"))
+ALTERNATIVES = ("dpo", "grpo", "rsft")  # PPO's alternatives, each compared with SFT and with PPO
+PIPELINE = (("base", "pretrain", "pretrain"), ("sft", "sft", "sft"), ("ppo", "ppo", "ppo"),
+            *((name, name, name) for name in ALTERNATIVES))
 
 
 @dataclass
 class Stage:
-    name: str  # its column in the report: base, sft, ppo, dpo, grpo, round2, ...
+    name: str  # its column in the report: base, sft, ppo, dpo, grpo, rsft, round2, ...
     folder: Path  # its checkpoint
-    kind: str  # pretrain | sft | ppo | dpo | grpo: which headline figures its metrics.json has
+    kind: str  # pretrain | sft | ppo | dpo | grpo | rsft: which headline figures its metrics.json has
     parent: str | None = None  # the stage it is measured against
 
 
@@ -82,7 +84,7 @@ def round_folders(run_dir: Path) -> list[tuple[int, Path]]:
 def find_stages(run_dir: Path) -> list[Stage]:
     """The finished stages of a run, in pipeline order, each with the parent it is compared with."""
     stages = []
-    parents = {"base": None, "sft": "base", "ppo": "sft", "dpo": "sft", "grpo": "sft"}
+    parents = {"base": None, "sft": "base", "ppo": "sft", **{name: "sft" for name in ALTERNATIVES}}
     for name, folder, kind in PIPELINE:
         if is_finished(run_dir / folder):
             stages.append(Stage(name, run_dir / folder, kind, parents[name]))
@@ -113,7 +115,7 @@ def report_card(run_dir: Path) -> dict[str, dict]:
     """{label: headline figures} of every finished stage folder, reward models included."""
     folders = [("pretrain", run_dir / "pretrain", "pretrain"), ("sft", run_dir / "sft", "sft"),
                ("reward", run_dir / "reward", "reward"), ("ppo", run_dir / "ppo", "ppo"),
-               ("dpo", run_dir / "dpo", "dpo"), ("grpo", run_dir / "grpo", "grpo")]
+               *((name, run_dir / name, name) for name in ALTERNATIVES)]
     for n, path in round_folders(run_dir):
         folders += [(f"round{n} reward", path / "reward", "reward"), (f"round{n} ppo", path / "ppo", "ppo")]
     return {label: read_headline(folder, kind) for label, folder, kind in folders if is_finished(folder)}
@@ -188,7 +190,7 @@ def collect(run_dir: Path, config: EvalConfig, eval_data=None, sft_data=None) ->
         log.info("%s: %s", stage.name, headline(summary))
     comparisons = [(s.name, s.parent) for s in stages if s.parent]
     comparisons += [(s.name, other) for s in stages for other in ("sft", "ppo")
-                    if s.name in ("dpo", "grpo") or s.name.startswith("round") and other == "sft"]
+                    if s.name in ALTERNATIVES or s.name.startswith("round") and other == "sft"]
     for after, before in dict.fromkeys(c for c in comparisons if c[0] != c[1] and c[1] in evaluations):
         report["pairs"][f"{after}_vs_{before}"] = pair(evaluations[before], evaluations[after], before, after)
         log.info("%s", report["pairs"][f"{after}_vs_{before}"]["summary"])
@@ -236,7 +238,7 @@ def sharpening_baselines(sft_model, tokenizer, records, config: EvalConfig, eval
 
 
 def which_method_won(pairs: dict) -> str | None:
-    """One sentence: which of the RLHF methods (PPO, DPO, GRPO, rounds) gained most over SFT, and whether measurably."""
+    """One sentence: which of the RLHF methods (PPO, DPO, GRPO, RSFT, rounds) gained most over SFT, and whether measurably."""
     from minigpt.stats import significance
 
     methods = {key[:-len("_vs_sft")]: p for key, p in pairs.items()
@@ -461,7 +463,7 @@ def render_html(report: dict, images: list[tuple[str, bytes]]) -> str:
 
 def curve_images(run_dir: Path) -> list[tuple[str, bytes]]:
     """(relative path, PNG bytes) of the curves every stage folder already drew (over-optimisation first)."""
-    folders = [run_dir / s for s in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo")]
+    folders = [run_dir / s for s in ("pretrain", "sft", "reward", "ppo", *ALTERNATIVES)]
     for _, path in round_folders(run_dir):
         folders += [path / "reward", path / "ppo"]
     pngs = [png for folder in folders if folder.is_dir() for png in sorted(folder.glob("*.png"))]

@@ -327,6 +327,35 @@ class GRPOConfig:
     }
 
 
+@dataclass
+class RSFTConfig:
+    """Rejection-sampling fine-tuning (Llama 2): k answers per PPO prompt from the SFT model, the reward
+    model's best finished one kept, and the SFT model fine-tuned on those answers with the SFT loss."""
+
+    k: int = 8  # answers sampled per prompt; the reward model keeps one
+    temperature: float = 0.7  # of the samples (the evaluation's): T=1 samples taught a worse greedy answer
+    max_new_tokens: int = 48
+    sample_batch_size: int = 96
+    epochs: float = 1.0
+    max_steps: int = -1  # overrides epochs when > 0
+    batch_size: int = 16  # global, split over processes
+    grad_accum: int = 1
+    lr: float = 1e-4  # cosine-decayed: about 5e-5 on average
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_length: int = 256
+    eval_steps: int = 20  # loss on the SFT stage's held-out dialogues: what the narrower data costs
+    save_steps: int = 20
+    max_time: float = 0.0
+
+    PRESETS: typing.ClassVar[dict] = {
+        "tiny": dict(k=4, max_new_tokens=16, sample_batch_size=32, batch_size=8, lr=3e-4, max_length=128,
+                     eval_steps=2, save_steps=2),
+        "gpu": dict(max_new_tokens=96, sample_batch_size=256, batch_size=64, lr=5e-5, max_length=512,
+                    eval_steps=50, save_steps=50),
+    }
+
+
 def load_config(cls, preset: str = "cpu", overrides: typing.Iterable[str] = ()):
     """The config of `cls` for a preset, with `key=value` overrides applied (typed)."""
     if preset not in PRESET_NAMES:
@@ -390,6 +419,6 @@ def to_dict(config) -> dict:
 
 __all__ = [
     "DataConfig", "TokenizerConfig", "PretrainConfig", "SFTConfig", "SamplesConfig",
-    "RewardConfig", "PPOConfig", "EvalConfig", "DPOConfig", "GRPOConfig", "load_config", "apply_overrides",
+    "RewardConfig", "PPOConfig", "EvalConfig", "DPOConfig", "GRPOConfig", "RSFTConfig", "load_config", "apply_overrides",
     "split_overrides", "default_preset", "to_dict", "PRESET_NAMES", "ConfigError", "field",
 ]

@@ -1,4 +1,5 @@
-"""DPO and GRPO beside PPO, through TRL: rankings become preference pairs, the reward model becomes a reward function.
+"""DPO, GRPO and rejection sampling beside PPO, through TRL: rankings become preference pairs, the reward model
+becomes a reward function or picks the answers to learn.
 
 DPO (`DPOTrainer`) learns the rankings directly: no reward model, no sampling; the loss raises the
 log-probability gap between the preferred and the other response of a pair, measured against the
@@ -12,7 +13,12 @@ and its clipped multi-pass updates (`epochs_per_step`) let it spend PPO's budget
 per round of generations; RLOO's leave-one-out baseline is the same idea with the group mean
 taken without the answer itself.
 
-Both trainers get our model and the SFT stage's chat template (`Tokenizer.to_transformers()`);
+Rejection-sampling fine-tuning (RSFT, Llama 2's first RLHF step) samples k answers per prompt,
+keeps the reward model's best finished one, and fine-tunes the SFT model on those answers with
+`SFTTrainer` and the SFT loss: best-of-k distilled into the policy, no policy gradient at all. The
+policy moves only as far as one round of its own best answers takes it, so it needs no KL term.
+
+The trainers get our model and the SFT stage's chat template (`Tokenizer.to_transformers()`);
 TRL's generation (GRPO) runs `MiniGPTForCausalLM.generate` and stops at `<|end|>`, the template's
 end-of-turn token, which the fast tokenizer declares as its eos token.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,6 +39,7 @@ from minigpt.evaluation import (add_reward_scores, before_after_metrics, eval_re
 from minigpt.ppo import prompt_and_response_batch, response_logprobs
 from minigpt.ranking import ranking_pairs
 from minigpt.reward_model import RewardScorer, load_reward_scorer
+from minigpt.sampling import SamplingConfig, generate_in_batches
 from minigpt.trainer_glue import common_training_arguments, per_device_batch, world_size
 
 log = logging.getLogger(__name__)
@@ -206,6 +214,69 @@ def grpo_trainer(model, reward_funcs, tokenizer, prompts: list[dict], config, ou
 
 
 # ---- the held-out report both stages write ---------------------------------------------------------
+
+# ---- Rejection sampling: the reward model's best of k answers, learnt as SFT data -------------------
+
+def best_of_each(scores: list[float], usable: list[bool], k: int) -> list[int | None]:
+    """For each prompt's k consecutive answers, the index (in the flat list) of its highest-scored usable
+    answer, or None when none is usable."""
+    if len(scores) != len(usable) or len(scores) % k:
+        raise ValueError(f"best_of_each: {len(scores)} scores and {len(usable)} flags for groups of k={k}")
+    picks = []
+    for start in range(0, len(scores), k):
+        candidates = [i for i in range(start, start + k) if usable[i]]
+        picks.append(max(candidates, key=scores.__getitem__) if candidates else None)
+    return picks
+
+
+@torch.no_grad()
+def rejection_sample(model, tokenizer, records: list[dict], scorer: RewardScorer, config, seed: int):
+    """Llama 2's rejection sampling: `config.k` answers per prompt record from `model`, scored by the reward;
+    each prompt's best answer that ended and says something becomes a dialogue (the prompt's messages + that
+    answer, with its `reward`). An answer cut off by the token budget is never kept: learning it would teach
+    the model to stop mid-sentence. Returns (dialogues, stats)."""
+    k = config.k
+    prompts = [tokenizer.encode_prompt(r["messages"]) for r in records]
+    sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=0,
+                              top_p=1.0)
+    out = generate_in_batches(model, [p for p in prompts for _ in range(k)], sampling, stop_ids=[tokenizer.end_id],
+                              pad_id=tokenizer.pad_id, batch_size=config.sample_batch_size, seed=seed,
+                              progress="rejection sampling")
+    answers = [tokenizer.response_text(t) for t in out.tokens]
+    scores = scorer([records[i // k] for i in range(len(answers))], answers)
+    picks = best_of_each(scores, [ended and bool(a) for ended, a in zip(out.finished, answers)], k)
+    dialogues = [{"messages": [*record["messages"], {"role": "assistant", "content": answers[i]}],
+                  "reward": scores[i]} for record, i in zip(records, picks) if i is not None]
+    stats = {"prompts": len(records), "answers": len(answers), "kept": len(dialogues),
+             "finished_fraction": sum(out.finished) / max(1, len(answers)),
+             "reward_mean": statistics.fmean(scores) if scores else None,
+             "reward_kept_mean": statistics.fmean(d["reward"] for d in dialogues) if dialogues else None}
+    return dialogues, stats
+
+
+def rsft_trainer(model, tokenizer, train_dialogues: list[dict], eval_dialogues: list[dict], config, out_dir: Path,
+                 seed: int, callbacks=()):
+    """TRL's SFTTrainer on the kept answers, with the SFT stage's loss (the assistant's turn only)."""
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    arguments = common_training_arguments(out_dir, config, seed)
+    if not eval_dialogues:
+        arguments["eval_strategy"] = "no"
+    training_args = TRLSFTConfig(
+        **arguments,
+        per_device_train_batch_size=per_device_batch(config.batch_size, "batch_size"),
+        per_device_eval_batch_size=per_device_batch(config.batch_size, "batch_size"),
+        gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length,
+        assistant_only_loss=True,
+        dataset_num_proc=None,
+    )
+    as_dataset = lambda dialogues: Dataset.from_list([{"messages": d["messages"]} for d in dialogues])  # noqa: E731
+    return SFTTrainer(model=model, args=training_args, train_dataset=as_dataset(train_dialogues),
+                      eval_dataset=as_dataset(eval_dialogues) if eval_dialogues else None,
+                      processing_class=tokenizer.to_transformers(), callbacks=list(callbacks))
+
 
 def evaluate_against_sft(model, sft, sft_dir: Path, tokenizer, data_dir: Path, preset: str,
                          reward: RewardModelReward | None, name: str) -> tuple[dict, dict]:

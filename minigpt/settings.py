@@ -45,9 +45,16 @@ STAGES = {
     "ppo": (("reward",), ("ppo", "eval"), "ppo/metrics.json"),
     "dpo": (("samples",), ("eval",), "dpo/metrics.json"),
     "grpo": (("reward",), ("ppo", "eval"), "grpo/metrics.json"),
+    "rsft": (("reward",), ("ppo", "eval"), "rsft/metrics.json"),
     "compare": (("ppo",), ("sft", "eval"), "compare/report.json"),
 }
-GOAL_STAGES = {"all": "compare", "label": "samples", "rlhf": "ppo", "alternatives": "grpo"}  # Make goals that are not stages
+GOAL_STAGES = {"all": "compare", "label": "samples", "rlhf": "ppo"}  # Make goals that are not stages
+ALTERNATIVES = ("dpo", "grpo", "rsft")  # what `make alternatives` builds
+
+
+def goal_stages(goals: list[str]) -> list[str]:
+    """The stages Make goals name (`all` → compare, `alternatives` → each alternative, ...)."""
+    return [s for g in goals for s in (ALTERNATIVES if g == "alternatives" else (GOAL_STAGES.get(g, g),))]
 
 
 class SettingsError(ValueError):
@@ -86,8 +93,7 @@ def parents_of(stage: str, data: dict) -> tuple:
 
 def stages_in_play(goals: list[str], data: dict) -> list[str]:
     """Every stage the goals build, in pipeline order."""
-    goals = [g for goal in goals for g in (("dpo", "grpo") if goal == "alternatives" else (goal,))]
-    wanted, todo = set(), [GOAL_STAGES.get(g, g) for g in goals if GOAL_STAGES.get(g, g) in STAGES]
+    wanted, todo = set(), [s for s in goal_stages(goals) if s in STAGES]
     while todo:
         stage = todo.pop()
         if stage not in wanted:
@@ -141,7 +147,7 @@ def plan(run_dir: Path, settings: dict, goals: list[str], force: bool) -> tuple[
     """(stamps to write, finished stages the command would redo, why) for the stages in play."""
     run_dir = Path(run_dir)
     in_play = stages_in_play(goals, settings["data"])
-    forced = {GOAL_STAGES.get(g, g) for g in goals} if force else set()
+    forced = set(goal_stages(goals)) if force else set()
     writes, redo, reasons, rerun = {}, [], [], set()
     for stage in in_play:
         path = run_dir / STAMPS / stage

@@ -29,8 +29,8 @@ def test_compare_writes_one_finite_entry_per_stage(compared):
     for name in ("report.md", "report.html", "report.json"):
         assert (run_dir / "compare" / name).exists(), name
     report = json.loads((run_dir / "compare" / "report.json").read_text())
-    # the shared tiny run may also hold dpo/grpo, when their tests ran first
-    assert list(report["stages"])[:len(STAGES)] == list(STAGES) and set(report["stages"]) <= {*STAGES, "dpo", "grpo"}
+    # the shared tiny run may also hold dpo/grpo/rsft, when their tests ran first
+    assert list(report["stages"])[:len(STAGES)] == list(STAGES) and set(report["stages"]) <= {*STAGES, "dpo", "grpo", "rsft"}
     for name, stage in report["stages"].items():
         for key in ("gold_sampled", "gold_greedy", "rm_sampled", "kl", "length"):
             value = stage[key]
@@ -125,11 +125,11 @@ def test_a_run_without_finished_stages_is_a_clear_error(tmp_path):
 
 def test_stages_are_found_in_pipeline_order_with_rounds_numbered(tmp_path):
     run_dir = tmp_path / "r"
-    for folder in ("pretrain", "grpo", "ppo", "dpo", "rounds/10/ppo", "rounds/2/ppo", "rounds/3/samples"):
+    for folder in ("pretrain", "grpo", "rsft", "ppo", "dpo", "rounds/10/ppo", "rounds/2/ppo", "rounds/3/samples"):
         (run_dir / folder).mkdir(parents=True)
         (run_dir / folder / "metrics.json").write_text("{}")
     (run_dir / "sft").mkdir()  # started, never finished: skipped
     stages = find_stages(run_dir)
-    assert [s.name for s in stages] == ["base", "ppo", "dpo", "grpo", "round2", "round10"]
+    assert [s.name for s in stages] == ["base", "ppo", "dpo", "grpo", "rsft", "round2", "round10"]
     # each stage is measured against its parent (the nearest earlier one present: sft is missing here)
-    assert [s.parent for s in stages] == [None, "base", "base", "base", "ppo", "round2"]
+    assert [s.parent for s in stages] == [None, "base", "base", "base", "base", "ppo", "round2"]

@@ -1,4 +1,4 @@
-"""DPO and GRPO beside PPO: ranking → pairs, the tiny stages, and GRPO against a toy reward."""
+"""DPO, GRPO and RSFT beside PPO: ranking → pairs, best-of-k picks, the tiny stages, and GRPO against a toy reward."""
 
 import json
 import statistics
@@ -10,7 +10,8 @@ from conftest import make
 from minigpt.checkpoint import load_causal_lm, read_manifest, weights_hash
 from minigpt.config import GRPOConfig, load_config
 from minigpt.data import load_prompts, load_rankings
-from minigpt.preference import grpo_trainer, pair_margins, preference_pairs, preference_rows
+from minigpt.ppo import prompt_and_response_batch, response_logprobs
+from minigpt.preference import best_of_each, grpo_trainer, pair_margins, preference_pairs, preference_rows
 from minigpt.sampling import SamplingConfig, generate
 from minigpt.tokenizer import Tokenizer
 
@@ -72,6 +73,48 @@ def test_tiny_grpo_stage_writes_a_checkpoint_naming_sft_and_the_reward_model(tin
     load_causal_lm(out)
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("kl", 0) > 0 for r in curve)  # the KL term to the SFT model is live
+
+
+def test_best_of_each_keeps_each_prompts_highest_scored_usable_answer():
+    scores = [0.1, 0.9, 0.5, 2.0, -1.0, -0.5, 3.0, 3.0, 1.0]
+    usable = [True, True, True, False, True, True, False, False, False]  # answer 3 never ended
+    assert best_of_each(scores, usable, 3) == [1, 5, None]  # not 3 (unusable); none usable in the last group
+    assert best_of_each([1.0, 1.0], [True, True], 2) == [0]  # a tie keeps the first
+    with pytest.raises(ValueError, match="groups of k=4"):
+        best_of_each(scores, usable, 4)
+
+
+@torch.no_grad()
+def answer_logprob(model, tokenizer, dialogues: list[dict]) -> float:
+    """Mean over dialogues of log p(the assistant's answer + end | the prompt) under `model`."""
+    prompts = [tokenizer.encode_prompt(d["messages"][:-1]) for d in dialogues]
+    answers = [tokenizer.encode(d["messages"][-1]["content"]) + [tokenizer.end_id] for d in dialogues]
+    ids, attention, mask, width = prompt_and_response_batch(prompts, answers, tokenizer.pad_id, "cpu")
+    return (response_logprobs(model.eval(), ids, attention, width) * mask).sum(1).mean().item()
+
+
+def test_tiny_rsft_learns_the_reward_models_best_answers_and_names_sft_and_the_reward_model(tiny_ppo):
+    make("rsft", tiny_ppo)
+    run = tiny_ppo / "t"
+    out = run / "rsft"
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("gold_before", "gold_after", "kl", "reward_before", "reward_after", "kept_reward_mean",
+                "sample_reward_mean", "sft_val_loss_before", "sft_val_loss_after", "train_time_sec"):
+        assert isinstance(metrics[key], float), key
+    # one answer per prompt at most, each the best of k: above the mean of all k answers
+    kept = [json.loads(line) for line in (out / "best_answers.jsonl").read_text().splitlines()]
+    prompts = load_prompts(run / "data", "ppo")
+    assert 0 < len(kept) == metrics["kept_answers"] <= len(prompts)
+    assert len({json.dumps(d["messages"][:-1]) for d in kept}) == len(kept)
+    assert all(d["messages"][-1]["role"] == "assistant" and d["messages"][-1]["content"] for d in kept)
+    assert metrics["kept_reward_mean"] > metrics["sample_reward_mean"]
+    # the saved model gives its kept answers more probability than the SFT model did
+    tokenizer = Tokenizer.load(out)
+    rsft, sft = load_causal_lm(out), load_causal_lm(run / "sft")
+    assert answer_logprob(rsft, tokenizer, kept) > answer_logprob(sft, tokenizer, kept)
+    manifest = read_manifest(out)
+    assert manifest["stage"] == "rsft" and manifest["parent"] == str(run / "sft")
+    assert manifest["reward_model"] == str(run / "reward") and manifest["config"]["RSFTConfig"]["k"] > 1
 
 
 def vowel_share(text: str) -> float:
