@@ -14,7 +14,7 @@ from conftest import PYTHON, REPO, run_stage
 
 from minigpt.checkpoint import load_resume_state, save_resume_state
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM
-from minigpt.settings import stages_in_play
+from minigpt.settings import goal_stages, stages_in_play
 
 
 def make_raw(target, root, *variables, run="t", timeout=900):
@@ -89,6 +89,12 @@ def test_reward_data_of_its_own_needs_no_ranked_samples():
     assert "samples" in stages_in_play(["reward"], {"reward": ""})
     assert stages_in_play(["reward"], {"reward": "prefs.jsonl"}) == ["data", "tokenizer", "pretrain", "sft", "reward"]
     assert stages_in_play(["all"], {})[-1] == "compare" and stages_in_play(["chat"], {}) == []
+
+
+def test_alternatives_builds_and_forces_each_alternative():
+    assert goal_stages(["alternatives"]) == ["dpo", "grpo", "rsft"]  # FORCE=1 redoes all three, not only the last
+    assert goal_stages(["all", "rlhf", "sft"]) == ["compare", "ppo", "sft"]
+    assert {"samples", "reward", "dpo", "grpo", "rsft"} <= set(stages_in_play(["alternatives"], {}))
 
 
 def test_a_second_run_on_a_busy_folder_refuses_and_the_first_finishes(tiny_pretrained, tmp_path):
