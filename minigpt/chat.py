@@ -134,7 +134,7 @@ class ChatSession:
         self.stop_ids = [self.tokenizer.end_id, self.tokenizer.user_id]
         self.block_size = self.model.config.block_size
         if not self.is_chat:
-            self.notify(f"note: {ckpt} was not trained to chat (not an sft/ppo stage); expect rambling")
+            self.notify(f"note: {ckpt} was not trained to chat (not an sft, ppo, dpo, grpo or rsft stage); expect rambling")
         if self.settings.max_new_tokens > self.max_allowed:
             self.notify(f"note: max new tokens {self.settings.max_new_tokens} leaves no room for the conversation "
                         f"in this model's {self.block_size}-token context; using {self.max_allowed}")

@@ -2,6 +2,7 @@
 history that makes room in the model's context."""
 
 import fcntl
+import json
 import io
 import os
 import pty
@@ -232,3 +233,12 @@ def test_session_keeps_history_and_strips_control_characters(tiny_sft):
     assert session.tokenizer.decode(tokens) == reply.text
     session.reset()
     assert session.history == []
+
+
+@pytest.mark.parametrize("stage, chat", [("sft", True), ("ppo", True), ("dpo", True), ("grpo", True), ("rsft", True),
+                                         ("pretrain", False), ("reward", False)])
+def test_every_stage_from_sft_on_is_a_chat_checkpoint(tmp_path, stage, chat):
+    from minigpt.sample import is_chat_checkpoint
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"stage": stage}))
+    assert is_chat_checkpoint(tmp_path) is chat  # so `make sample STAGE=dpo` answers as a dialogue, not plain text
