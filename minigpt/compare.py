@@ -39,6 +39,7 @@ from minigpt.evaluation import (add_reward_scores, best_of_n, calibration, eval_
 from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
 from minigpt.reward_model import load_reward_scorer
 from minigpt.run import run_main, setup_logging, write_json_atomic, write_text_atomic
+from minigpt.settings import ALTERNATIVES
 from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.compare")
@@ -57,9 +58,8 @@ HEADLINE_KEYS = {
     "grpo": ("gold_sampled", "gold_greedy", "train_time_sec"),
     "rsft": ("gold_sampled", "gold_greedy", "kept_answers", "train_time_sec"),
 }
-ALTERNATIVES = ("dpo", "grpo", "rsft")  # PPO's alternatives, each compared with SFT and with PPO
 PIPELINE = (("base", "pretrain", "pretrain"), ("sft", "sft", "sft"), ("ppo", "ppo", "ppo"),
-            *((name, name, name) for name in ALTERNATIVES))
+            *((name, name, name) for name in ALTERNATIVES))  # PPO's alternatives: each against SFT and PPO
 
 
 @dataclass

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from minigpt.checkpoint import CheckpointError, load_causal_lm, read_manifest
 from minigpt.sampling import SamplingConfig, compile_decoding, stream
+from minigpt.settings import ALTERNATIVES
 from minigpt.tokenizer import Tokenizer
 
-CHAT_STAGES = ("sft", "ppo", "dpo", "grpo", "rsft")  # every stage from SFT on answers in the chat format
+CHAT_STAGES = ("sft", "ppo", *ALTERNATIVES)  # every stage from SFT on answers in the chat format
 
 
 def is_chat_checkpoint(path: Path) -> bool:
