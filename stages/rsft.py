@@ -15,6 +15,7 @@ import logging
 import time
 
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 
 from minigpt.checkpoint import load_causal_lm, make_manifest, save_model
 from minigpt.config import RSFTConfig
@@ -44,7 +45,8 @@ def main():
     held_out = load_dialogues(world, "val") if (world / "sft_val.jsonl").exists() else []
     tokenizer = Tokenizer.load(parent)
     reward = RewardModelReward.load(reward_dir)
-    state = PartialState()
+    # the processes' shared state, on the CPU when the launcher says so (TRL's trainer joins the same one)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
     # --- rejection sampling: k answers per prompt, the reward model's best kept (the main process's work) ---
     answers_file = out / "best_answers.jsonl"

@@ -133,6 +133,19 @@ def test_ppo_on_two_processes(tiny_sft, tmp_path):
     assert steps == [1, 2, 3, 4]  # one row per step: only rank 0 logs
 
 
+def test_rsft_on_two_processes_learns_the_answers_rank_0_kept(tiny_sft, tmp_path):
+    root = copy_run(tiny_sft.parents[1], tmp_path / "runs", ["data", "tokenizer", "pretrain", "sft"])
+    make("reward", root)  # one process: this test is about RSFT
+    make("rsft", root, "NPROC=2")  # rank 1 waits for rank 0's answers, then both train on them
+    stage = root / "t" / "rsft"
+    log = (stage / "train.log").read_text()
+    assert log.count("rsft: kept") == 1  # sampled and scored once, by rank 0
+    assert "replicas agree: all 2 processes hold the same weights" in log
+    kept = (stage / "best_answers.jsonl").read_text().splitlines()
+    assert len(kept) == json.loads((stage / "metrics.json").read_text())["kept_answers"] > 0
+    assert_written_once(stage, "rsft done")
+
+
 def test_sft_and_reward_on_two_processes_keep_the_global_batch(tiny_sft, tmp_path):
     root = copy_run(tiny_sft.parents[1], tmp_path / "runs", ["data", "tokenizer", "pretrain"])
     make("reward", root, "NPROC=2")
