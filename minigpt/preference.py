@@ -34,12 +34,12 @@ from types import SimpleNamespace
 import torch
 from datasets import Dataset
 
-from minigpt.evaluation import (add_reward_scores, before_after_metrics, eval_records, evaluate, headline,
+from minigpt.evaluation import (add_reward_scores, answer_chat, before_after_metrics, eval_records, evaluate, headline,
                                 load_evaluation, log_examples, pair, summarise)
 from minigpt.ppo import prompt_and_response_batch, response_logprobs
 from minigpt.ranking import ranking_pairs
 from minigpt.reward_model import RewardScorer, load_reward_scorer
-from minigpt.sampling import SamplingConfig, generate_in_batches
+from minigpt.sampling import SamplingConfig
 from minigpt.trainer_glue import common_training_arguments, per_device_batch, world_size
 
 log = logging.getLogger(__name__)
@@ -236,14 +236,13 @@ def rejection_sample(model, tokenizer, records: list[dict], scorer: RewardScorer
     answer, with its `reward`). An answer cut off by the token budget is never kept: learning it would teach
     the model to stop mid-sentence. Returns (dialogues, stats)."""
     k = config.k
-    prompts = [tokenizer.encode_prompt(r["messages"]) for r in records]
+    asked = [record for record in records for _ in range(k)]
     sampling = SamplingConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=0,
                               top_p=1.0)
-    out = generate_in_batches(model, [p for p in prompts for _ in range(k)], sampling, stop_ids=[tokenizer.end_id],
-                              pad_id=tokenizer.pad_id, batch_size=config.sample_batch_size, seed=seed,
-                              progress="rejection sampling")
-    answers = [tokenizer.response_text(t) for t in out.tokens]
-    scores = scorer([records[i // k] for i in range(len(answers))], answers)
+    out = answer_chat(model, tokenizer, asked, sampling, seed=seed, batch_size=config.sample_batch_size,
+                      progress="rejection sampling")
+    answers = out.responses
+    scores = scorer(asked, answers)
     picks = best_of_each(scores, [ended and bool(a) for ended, a in zip(out.finished, answers)], k)
     dialogues = [{"messages": [*record["messages"], {"role": "assistant", "content": answers[i]}],
                   "reward": scores[i]} for record, i in zip(records, picks) if i is not None]
