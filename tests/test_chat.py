@@ -171,8 +171,12 @@ def test_piped_stdin_answers_every_line_and_keeps_notices_off_stdout(tiny_sft, m
     assert "you:" not in out and "temperature" not in out
 
 
-def test_missing_checkpoint_exits_2_naming_the_path_and_the_stages(tiny_sft, capsys):
-    missing = tiny_sft.parent / "ppo"
+def test_missing_checkpoint_exits_2_naming_the_path_and_the_stages(tiny_sft, tmp_path, capsys):
+    run = tmp_path / "run"  # a run of its own: other tests add stages to the shared tiny run
+    run.mkdir()
+    for stage in ("pretrain", "sft"):
+        (run / stage).symlink_to(tiny_sft.parent / stage, target_is_directory=True)
+    missing = run / "ppo"
     assert main(["--ckpt", str(missing), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert f"{missing}: no such checkpoint folder" in err

@@ -83,6 +83,26 @@ def test_cached_decoding_of_a_left_padded_batch_matches_each_prompt_alone():
     assert together == alone
 
 
+def test_a_batch_shrinks_to_its_unfinished_rows_without_changing_any_rows_tokens(monkeypatch):
+    """Rows that emitted their stop token leave the batch; every row's tokens, sampled from a seeded
+    generator, stay what they are when no row stops early (one random number per row and step)."""
+    m = model()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13], [14, 15, 16]]
+    sampled = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    run_on = generate(m, prompts, sampled, generator=torch.Generator().manual_seed(3)).tokens
+    stop = run_on[0][2]  # row 0 ends at its third token
+    shrinks = []
+    monkeypatch.setattr(KVCache, "keep_rows", lambda self, rows, keep=KVCache.keep_rows: (
+        shrinks.append(len(rows)), keep(self, rows))[1])
+    out = generate(m, prompts, sampled, stop_ids=[stop], generator=torch.Generator().manual_seed(3))
+    for row, tokens in enumerate(run_on):
+        ends = tokens.index(stop) if stop in tokens else len(tokens)
+        assert out.tokens[row] == tokens[:ends]
+        assert out.finished[row] == (stop in tokens)
+    assert max(len(t) for t in out.tokens) > 3  # some row went on after row 0 ended ...
+    assert shrinks and shrinks[0] < len(prompts)  # ... in a smaller batch
+
+
 def test_compiled_decoding_gives_the_same_greedy_tokens_as_eager():
     m = model()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13]]  # left-padded: the static cache's mask at work
