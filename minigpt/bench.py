@@ -162,7 +162,8 @@ def main(argv=None):
     parser.add_argument("--rollout-tokens", type=int, default=48, help="new tokens per rollout row")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16, as the stages take it")
-    parser.add_argument("--compile", default="off", help="auto | on | off (on a 2-core CPU compiling takes 20-60 s)")
+    parser.add_argument("--compile", default="auto",
+                        help="auto | on | off, as pretraining takes it (on a 2-core CPU compiling takes 20-60 s)")
     parser.add_argument("--decode-compile", type=int, default=1,
                         help="1: also time decoding with the decode step compiled (static cache), 0: skip")
     args = parser.parse_args(argv)

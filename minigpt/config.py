@@ -81,9 +81,10 @@ class PretrainConfig:
     # auto | float32 | bfloat16 (autocast). auto times a few training steps at stage start in fp32, bf16
     # autocast and (CPU) oneDNN bf16 matmuls, and keeps the fastest only if measurably faster (minigpt/speed.py)
     dtype: str = "auto"
-    # auto | on | off: auto measures torch.compile too; its 20-60 s of compiling on a 2-core CPU come out of
-    # max_time, which at the cpu preset's 600 s ate the compiled step's 1.25x (README, Performance)
-    compile: str = "off"
+    # auto | on | off: auto also measures torch.compile (20-60 s of compiling on a 2-core CPU, spent from
+    # max_time). Measured per class (README, Performance): it paid on the AMD EPYC with bf16 (1,500 steps in
+    # 440 s instead of 485-561 s) and came out level on the Xeon without AMX, so the cpu preset tries it.
+    compile: str = "auto"
     speed_batch: int = 4  # sequences per step the auto choices are timed on
     # bookkeeping
     eval_every: int = 250
@@ -95,12 +96,12 @@ class PretrainConfig:
     PRESETS: typing.ClassVar[dict] = {
         # tiny is fp32: its tests compare runs to 1e-4, which a per-run bf16 choice would break.
         "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=8, lr=3e-3, max_time=0.0,
-                     dtype="float32",
+                     dtype="float32", compile="off",
                      warmup_steps=10, max_steps=120, eval_every=40, eval_batches=4,
                      save_every=40, sample_every=120),
         "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=64, max_time=0.0,
                     lr=1e-3, warmup_steps=500, max_steps=20000, eval_every=500,
-                    save_every=1000, sample_every=2000, compile="auto"),
+                    save_every=1000, sample_every=2000),
     }
 
 
