@@ -31,6 +31,9 @@ MARGIN = 0.05
 # The math settings: "fp32"; "bf16_autocast" (activations in bf16: accelerate's mixed_precision=bf16);
 # "bf16_matmul" (fp32 weights and activations, oneDNN computes each fp32 matmul in bf16 on CPU).
 MATHS = ("fp32", "bf16_autocast", "bf16_matmul")
+# Compiling costs 20-60 s on a 2-core CPU and a compiled step saved 15-25% there, so it pays back only after a
+# few minutes of training: a shorter run (a 70-s tinyshakespeare try, a smoke test) is not worth compiling.
+COMPILE_PAYS_AFTER = 240.0
 
 
 @dataclass
@@ -164,7 +167,8 @@ def measure(steps: dict, repeats: int = 5, min_seconds: float = 0.0) -> dict:
 
 
 def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str = "auto", compile="auto",
-                 repeats: int = 5, compile_batch: int | None = None) -> SpeedDecision:
+                 repeats: int = 5, compile_batch: int | None = None, planned_steps: int = 0,
+                 max_seconds: float = 0.0) -> SpeedDecision:
     """Time the candidate settings on `model` itself and return the fastest that beats fp32 eager.
 
     An explicit `dtype` (float32 / bfloat16) or `compile` (on / off) is obeyed, not measured.
@@ -172,6 +176,8 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
     `compile_batch` (default `batch`): the batch torch.compile is tried and timed at. Give the run's own
     micro-batch, so the training loop reuses the graph compiled here instead of compiling another one
     for a new shape (a second shape also makes torch.compile fall back to shape-generic kernels).
+    `planned_steps` / `max_seconds` (0: unknown / none): the run's length. `compile=auto` is not tried when
+    the run, at the eager step time just measured, would train for less than COMPILE_PAYS_AFTER seconds.
     """
     compile_batch = compile_batch or batch
     compile = parse_compile(compile)
@@ -190,6 +196,14 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
             decision.math = pick(decision.step_seconds, "fp32")
         else:
             decision.step_seconds = measure(steps, 2) if compile == "auto" else {}
+        if compile == "auto" and planned_steps:
+            step = decision.step_seconds.get(decision.math) or measure({"m": steps[decision.math]}, 2)["m"]
+            planned = step * compile_batch / batch * planned_steps
+            planned = min(planned, max_seconds) if max_seconds else planned
+            if planned < COMPILE_PAYS_AFTER:
+                compile = "off"
+                decision.notes.append(f"compile not tried: about {planned:.0f} s of training cannot pay back "
+                                      f"compiling (under {COMPILE_PAYS_AFTER:.0f} s)")
         if compile != "off":
             compiled, seconds, error = try_compile(model, compile_batch, block, vocab, device, decision.math)
             decision.compile_seconds = seconds

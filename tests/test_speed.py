@@ -91,6 +91,22 @@ def test_a_faster_compiled_model_is_used(monkeypatch):
     assert decision.compile and decision.name() == "fp32+compile" and decision.speedup() == 2.0
 
 
+def test_compile_is_not_tried_for_a_run_too_short_to_pay_for_it(monkeypatch):
+    tried = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: tried.append(1) or model)
+    monkeypatch.setattr(speed, "measure", lambda steps, repeats=5: {k: 0.5 if "compile" in k else 1.0 for k in steps})
+    # 1.0 s per step at batch 2; the run's micro-batch is 4: 2 s per step
+    short = choose(tiny_model(), dtype="float32", compile="auto", compile_batch=4, planned_steps=100)
+    assert not tried and not short.compile
+    assert any("compile not tried: about 200 s of training" in note for note in short.notes)
+    capped = choose(tiny_model(), dtype="float32", compile="auto", compile_batch=4, planned_steps=1000,
+                    max_seconds=70)  # a 70-s budget whatever max_steps says
+    assert not tried and any("about 70 s" in note for note in capped.notes)
+    long = choose(tiny_model(), dtype="float32", compile="auto", compile_batch=4, planned_steps=1000, max_seconds=600)
+    assert tried and long.compile
+    assert choose(tiny_model(), dtype="float32", compile="on", planned_steps=1).compile  # an explicit on is obeyed
+
+
 def test_compile_is_tried_and_timed_at_the_runs_own_micro_batch(monkeypatch):
     """The training loop reuses the graph compiled while measuring only if both see the same shape."""
     seen = []
