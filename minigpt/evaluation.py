@@ -88,6 +88,11 @@ def pick_fewshot_examples(dialogues: list[dict], n: int) -> list[dict]:
     return chosen[:n]
 
 
+def newline_ids(tokenizer) -> list[int]:
+    """The ordinary tokens whose bytes hold a newline."""
+    return [rank for token, rank in tokenizer.ranks.items() if b"\n" in token]
+
+
 def answer_fewshot(model, tokenizer, records, examples, sampling: SamplingConfig, seed=0, batch_size=BATCH,
                    progress=None) -> Answers:
     """Responses of the base model: few-shot prompt, answer cut at the first newline."""
@@ -97,8 +102,11 @@ def answer_fewshot(model, tokenizer, records, examples, sampling: SamplingConfig
         turns = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n"
                         for m in r["messages"] if m["role"] != "system")
         prompts.append([tokenizer.bos_id] + tokenizer.encode(prefix + turns + "Assistant:"))
-    out = generate_in_batches(model, prompts, sampling, stop_ids=[tokenizer.bos_id], pad_id=tokenizer.pad_id,
-                              batch_size=batch_size, seed=seed, progress=progress)
+    # The answer is its first line, so a row stops at the first token holding a newline (kept, since it may
+    # start with the answer's last characters): the same answers without generating the lines after them.
+    out = generate_in_batches(model, prompts, sampling, stop_ids=[tokenizer.bos_id, *newline_ids(tokenizer)],
+                              pad_id=tokenizer.pad_id, batch_size=batch_size, seed=seed, progress=progress,
+                              keep_stop=True)
     responses, finished = [], []
     for tokens, ended in zip(out.tokens, out.finished):
         text = tokenizer.decode_without_specials(tokens)

@@ -224,8 +224,8 @@ class Generation:
 
 
 def generate(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(), pad_id: int = 0,
-             generator=None) -> Generation:
-    """Sample continuations of every prompt in one batch."""
+             generator=None, keep_stop: bool = False) -> Generation:
+    """Sample continuations of every prompt in one batch (`keep_stop`: a row's tokens end with its stop token)."""
     columns = list(stream(model, prompts, config, stop_ids, pad_id, generator))
     stop = set(stop_ids)
     tokens, finished = [], []
@@ -236,6 +236,8 @@ def generate(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(
             t = int(column[row])
             if t in stop:
                 ended = True
+                if keep_stop:
+                    out.append(t)
                 break
             out.append(t)
         tokens.append(out)
@@ -251,7 +253,7 @@ def batches_by_length(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 
 def generate_in_batches(model, prompts, config: SamplingConfig, stop_ids=(), pad_id=0, batch_size=64,
-                        seed: int | None = None, progress: str | None = None) -> Generation:
+                        seed: int | None = None, progress: str | None = None, keep_stop: bool = False) -> Generation:
     """`generate` over many prompts, `batch_size` at a time, reproducible from `seed`.
 
     Prompts are sorted by length so each batch needs little padding; results come back in order.
@@ -263,7 +265,7 @@ def generate_in_batches(model, prompts, config: SamplingConfig, stop_ids=(), pad
     tokens, finished = [None] * len(prompts), [False] * len(prompts)
     batches = batches_by_length([len(p) for p in prompts], batch_size)
     for batch in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-        out = generate(model, [prompts[i] for i in batch], config, stop_ids, pad_id, generator)
+        out = generate(model, [prompts[i] for i in batch], config, stop_ids, pad_id, generator, keep_stop)
         for i, toks, fin in zip(batch, out.tokens, out.finished):
             tokens[i], finished[i] = toks, fin
     return Generation(tokens, finished)

@@ -128,3 +128,29 @@ def test_every_stage_is_evaluated_on_the_same_prompt_list(tiny_ppo):
         assert len(ppo[f"{key}_ci"]) == 2 and ppo[f"{key}_ci"][0] <= ppo[key] <= ppo[f"{key}_ci"][1]
     assert (run / "ppo" / "overoptimisation.png").stat().st_size > 1000
     assert (run / "reward" / "best_of_n.json").exists()
+
+
+def test_the_base_model_stops_at_its_first_newline_with_the_same_answers(tiny_pretrained):
+    """A few-shot answer is its first line: stopping each row at its first newline token gives the answers
+    that generating on to the end-of-text token and cutting at the newline gives."""
+    from minigpt.checkpoint import load_causal_lm
+    from minigpt.data import load_dialogues
+    from minigpt.evaluation import answer_fewshot, fewshot_prefix, newline_ids, pick_fewshot_examples
+    from minigpt.sampling import SamplingConfig, generate_in_batches
+    from minigpt.tokenizer import Tokenizer
+
+    run = tiny_pretrained / "t"
+    tokenizer, model = Tokenizer.load(run / "pretrain"), load_causal_lm(run / "pretrain").eval()
+    records = eval_records(run / "data", load_config(EvalConfig, "tiny"))
+    examples = pick_fewshot_examples(load_dialogues(run / "data", "train"), 3)
+    assert newline_ids(tokenizer) and all("\n" in tokenizer.decode([i]) for i in newline_ids(tokenizer))
+    sampling = SamplingConfig(max_new_tokens=24, temperature=1.0)
+    answers = answer_fewshot(model, tokenizer, records, examples, sampling, seed=5)
+    prompts = [[tokenizer.bos_id] + tokenizer.encode(fewshot_prefix(examples) + f"User: {r['messages'][-1]['content']}\n"
+                                                     "Assistant:") for r in records]
+    whole = generate_in_batches(model, prompts, sampling, stop_ids=[tokenizer.bos_id], pad_id=tokenizer.pad_id,
+                                batch_size=256, seed=5)
+    texts = [tokenizer.decode_without_specials(t) for t in whole.tokens]
+    assert answers.responses == [t.split("\n")[0].strip() for t in texts]
+    assert answers.finished == [f or "\n" in t for f, t in zip(whole.finished, texts)]
+    assert sum(len(t) for t in answers.tokens) < sum(len(t) for t in whole.tokens)  # the lines after: not generated
