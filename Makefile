@@ -97,7 +97,7 @@ data_arg = $(if $(2),$(1) $(2))
 help:
 	@echo "minigpt: make setup | data | tokenizer | pretrain | sft | samples | label | reward | ppo | compare | all"
 	@echo "         make dpo | grpo | rsft | alternatives (all three, after the main pipeline; not part of all)"
-	@echo "         make rlhf ROUNDS=N | chat [STAGE=ppo] | sample PROMPT='...' | bench | test"
+	@echo "         make rlhf ROUNDS=N | chat [STAGE=ppo] | sample PROMPT='...' | bench [RUN=] | test"
 	@echo "variables: RUN PRESET SEED DATA *_DATA ARGS NPROC ACCEL_CONFIG FORCE (see the top of the Makefile)"
 
 # ---- set-up: torch first (a CPU build here; TORCH_SPEC picks another), then the package ---------
@@ -198,7 +198,7 @@ sample: | setup
 	$(PY) -m minigpt.sample --ckpt $(R)/$(STAGE) --prompt "$(PROMPT)" $(ARGS)
 
 bench: | setup
-	$(PY) -m minigpt.bench $(ARGS)
+	$(PY) -m minigpt.bench --run $(R) $(ARGS)
 
 clean-run:
 	rm -rf $(R)

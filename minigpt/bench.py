@@ -146,6 +146,54 @@ def rollout_rates(ours, gpt2, prompts, prompt_len, new_tokens, vocab, temperatur
     return ours_batched, gpt2_batched
 
 
+@torch.no_grad()
+def run_rollout_rates(run_dir, prompts: int, new_tokens: int, repeats: int) -> dict | None:
+    """PPO's rollouts as the stage runs them: a finished run's SFT model answering `prompts` of its PPO
+    prompts, up to `new_tokens` each, every row stopping at its end token, against Transformers' `generate`
+    on the same model, prompts and stop token (interleaved; medians). None when the run has no SFT model.
+
+    The random-weight rollouts above never stop early; real answers end at very different lengths, and
+    the sampler stops computing a row once it has ended, where `generate` computes every row to the last."""
+    from pathlib import Path
+
+    from minigpt.checkpoint import load_causal_lm
+    from minigpt.data import load_prompts
+    from minigpt.sampling import left_pad
+    from minigpt.tokenizer import Tokenizer
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "sft" / "metrics.json").exists() or not (run_dir / "data").is_dir():
+        return None
+    tokenizer, model = Tokenizer.load(run_dir / "sft"), load_causal_lm(run_dir / "sft").eval()
+    encoded = [tokenizer.encode_prompt(r["messages"]) for r in load_prompts(run_dir / "data", "ppo")[:prompts]]
+    ids, mask = left_pad(encoded, tokenizer.pad_id, "cpu")
+    seconds = {}
+    for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        config = SamplingConfig(max_new_tokens=new_tokens, temperature=temperature)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else \
+            dict(do_sample=False)
+        ours, theirs, answer_tokens = [], [], []
+        for repeat in range(repeats):
+            start = time.perf_counter()
+            out = generate(model, encoded, config, stop_ids=[tokenizer.end_id], pad_id=tokenizer.pad_id,
+                           generator=torch.Generator().manual_seed(repeat))
+            ours.append(time.perf_counter() - start)
+            answer_tokens.append(sum(len(t) for t in out.tokens))
+            start = time.perf_counter()
+            model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, eos_token_id=tokenizer.end_id,
+                           pad_token_id=tokenizer.pad_id, **sampling)
+            theirs.append(time.perf_counter() - start)
+        seconds[name] = (statistics.median(ours), statistics.median(theirs), statistics.median(answer_tokens))
+    result = {"run_rollout_shape": f"{len(encoded)} PPO prompts of {run_dir}, up to {new_tokens} tokens, end token"}
+    for name, (ours, theirs, answer_tokens) in seconds.items():
+        print(f"run rollouts {name:>8}: ours {ours * 1000:,.0f} ms, generate {theirs * 1000:,.0f} ms "
+              f"({theirs / ours:.2f}x; {answer_tokens:.0f} answer tokens)")
+        result[f"run_rollout_{name}_seconds"] = round(ours, 4)
+        result[f"run_rollout_{name}_generate_seconds"] = round(theirs, 4)
+        result[f"run_rollout_{name}_ratio_vs_generate"] = round(theirs / ours, 3)
+    return result
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -164,6 +212,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16, as the stages take it")
     parser.add_argument("--compile", default="auto",
                         help="auto | on | off, as pretraining takes it (on a 2-core CPU compiling takes 20-60 s)")
+    parser.add_argument("--run", default="",
+                        help="a finished run's folder: also time its SFT model's rollouts on its PPO prompts")
     parser.add_argument("--decode-compile", type=int, default=1,
                         help="1: also time decoding with the decode step compiled (static cache), 0: skip")
     args = parser.parse_args(argv)
@@ -272,6 +322,12 @@ def main(argv=None):
             "rollout_tokens_per_sec_compiled": round(med["decode_rollout_compiled"], 1),
             "rollout_compiled_ratio_vs_eager": round(med["decode_rollout_compiled"] / med["decode_rollout"], 3),
         })
+    if args.run:
+        real = run_rollout_rates(args.run, args.rollout_prompts, args.rollout_tokens, args.repeats)
+        if real is None:
+            print(f"run rollouts: {args.run} has no finished SFT model and data; skipped")
+        else:
+            result.update(real)
     print(json.dumps(result))
 
 
