@@ -16,6 +16,17 @@ def model():
     return MiniGPTForCausalLM(CONFIG).eval()
 
 
+def context_bound_model():
+    """Weights large enough that every token depends on the context: at the small initialisation the
+    next token hardly depends on the keys and values, and a cache bug could go unseen."""
+    m = model()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(std=0.5)
+    return m
+
+
 def test_logits_shape_and_tied_head():
     m = model()
     x = torch.randint(1, 97, (3, 11))
@@ -86,7 +97,7 @@ def test_cached_decoding_of_a_left_padded_batch_matches_each_prompt_alone():
 def test_a_batch_shrinks_to_its_unfinished_rows_without_changing_any_rows_tokens(monkeypatch):
     """Rows that emitted their stop token leave the batch; every row's tokens, sampled from a seeded
     generator, stay what they are when no row stops early (one random number per row and step)."""
-    m = model()
+    m = context_bound_model()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13], [14, 15, 16]]
     sampled = SamplingConfig(max_new_tokens=12, temperature=1.0)
     run_on = generate(m, prompts, sampled, generator=torch.Generator().manual_seed(3)).tokens
@@ -101,6 +112,44 @@ def test_a_batch_shrinks_to_its_unfinished_rows_without_changing_any_rows_tokens
         assert out.finished[row] == (stop in tokens)
     assert max(len(t) for t in out.tokens) > 3  # some row went on after row 0 ended ...
     assert shrinks and shrinks[0] < len(prompts)  # ... in a smaller batch
+
+
+def test_prompts_are_grouped_by_length_longest_first():
+    from minigpt.sampling import length_groups
+
+    lengths = [10, 80, 79, 12, 40, 78, 11, 41]
+    assert length_groups(lengths, min_rows=2) == [[1, 2, 5], [7, 4], [3, 6, 0]]
+    assert length_groups(lengths, min_rows=4) == [[1, 2, 5, 7], [4, 3, 6, 0]]  # a group fills to min_rows first
+    assert length_groups(lengths, min_rows=8) == [[1, 2, 5, 7, 4, 3, 6, 0]]
+    assert length_groups([]) == []
+
+
+def test_prompts_prefilled_in_length_groups_decode_as_each_prompt_alone(monkeypatch):
+    import minigpt.sampling as sampling
+
+    original = sampling.length_groups
+    monkeypatch.setattr(sampling, "length_groups", lambda lengths: original(lengths, min_rows=1))
+    m = model()
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [15, 16], [17, 18, 19, 20, 21, 22, 23, 24, 25], [26]]
+    assert len(original([len(p) for p in prompts], min_rows=1)) == 3  # three passes, not one
+    ids, mask = sampling.left_pad(prompts, 0, "cpu")
+    whole = KVCache(CONFIG, 4, ids.shape[1], "cpu", torch.float32)  # one padded pass, for reference
+    with torch.no_grad():
+        expected = m(input_ids=ids, attention_mask=mask, cache=whole, use_cache=True).logits[:, -1]
+        grouped = KVCache(CONFIG, 4, ids.shape[1], "cpu", torch.float32)
+        assert torch.allclose(sampling.prefill(m, prompts, grouped, 0, "cpu"), expected, atol=1e-5)
+    assert grouped.length == whole.length == ids.shape[1]
+    for row, real in enumerate(mask.bool()):  # every row's keys and values where its prompt is
+        for mine, reference in zip(grouped.keys + grouped.values, whole.keys + whole.values):
+            assert torch.allclose(mine[row][:, real], reference[row][:, real], atol=1e-5)
+    for config in (SamplingConfig(max_new_tokens=8, temperature=0), SamplingConfig(max_new_tokens=8, seed=1)):
+        together = generate(m, prompts, config).tokens
+        alone = [generate(m, [p], config).tokens[0] for p in prompts]
+        if config.temperature == 0:
+            assert together == alone
+        else:  # sampled: the same random numbers per row as one padded pass would draw
+            monkeypatch.setattr(sampling, "length_groups", lambda lengths: [list(range(len(lengths)))])
+            assert generate(m, prompts, config).tokens == together
 
 
 def test_compiled_decoding_gives_the_same_greedy_tokens_as_eager():
