@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import WEIGHTS, CheckpointError, load_causal_lm
-from minigpt.sample import StreamPrinter, add_sampling_arguments, is_chat_checkpoint
+from minigpt.sample import CHAT_STAGES, StreamPrinter, add_sampling_arguments, is_chat_checkpoint
 from minigpt.sampling import SamplingConfig, compile_decoding, stream
 from minigpt.tokenizer import Tokenizer
 
@@ -134,7 +134,8 @@ class ChatSession:
         self.stop_ids = [self.tokenizer.end_id, self.tokenizer.user_id]
         self.block_size = self.model.config.block_size
         if not self.is_chat:
-            self.notify(f"note: {ckpt} was not trained to chat (not an sft, ppo, dpo, grpo or rsft stage); expect rambling")
+            self.notify(f"note: {ckpt} was not trained to chat (not one of the stages {', '.join(CHAT_STAGES)}); "
+                        "expect rambling")
         if self.settings.max_new_tokens > self.max_allowed:
             self.notify(f"note: max new tokens {self.settings.max_new_tokens} leaves no room for the conversation "
                         f"in this model's {self.block_size}-token context; using {self.max_allowed}")

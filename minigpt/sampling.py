@@ -148,8 +148,9 @@ def length_groups(lengths: list[int], min_rows: int = 8, shorter_by: float = 0.2
     return groups
 
 
-def prefill(model, prompts: list[list[int]], cache: KVCache, pad_id: int, device) -> torch.Tensor:
-    """The prompts through the model into `cache` (left-padded to the longest); each row's last logits (B, V).
+def prefill(model, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, cache: KVCache,
+            pad_id: int) -> torch.Tensor:
+    """The prompts through the model into `cache` (`ids`, `mask`: `left_pad` of them); each row's last logits (B, V).
 
     A batch's prompts can differ a lot in length (a PPO step's: 10 to 79 tokens, so one batch padded to 79 is
     63% padding), so they run in groups of similar length, each padded only to its own longest, and land in
@@ -157,16 +158,16 @@ def prefill(model, prompts: list[list[int]], cache: KVCache, pad_id: int, device
     64 prompts (AMD EPYC). Every row's values are its own prompt's, whichever rows share its pass."""
     groups = length_groups([len(p) for p in prompts])
     if len(groups) == 1:
-        ids, mask = left_pad(prompts, pad_id, device)
         return model(input_ids=ids, attention_mask=None if mask.all() else mask, cache=cache, use_cache=True,
                      logits_to_keep=1).logits[:, -1]
-    cache.length = max(len(p) for p in prompts)
+    device = ids.device
+    cache.length = ids.shape[1]
     logits = None
     for rows in groups:
-        ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
-        part = KVCache(_unwrapped(model).config, len(rows), ids.shape[1], device, cache.keys[0].dtype)
-        out = model(input_ids=ids, attention_mask=None if mask.all() else mask, cache=part, use_cache=True,
-                    logits_to_keep=1).logits[:, -1]
+        group_ids, group_mask = left_pad([prompts[i] for i in rows], pad_id, device)
+        part = KVCache(_unwrapped(model).config, len(rows), group_ids.shape[1], device, cache.keys[0].dtype)
+        out = model(input_ids=group_ids, attention_mask=None if group_mask.all() else group_mask, cache=part,
+                    use_cache=True, logits_to_keep=1).logits[:, -1]
         index = torch.tensor(rows, device=device)
         cache.put_rows(index, part)
         if logits is None:
@@ -186,8 +187,8 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
     device = next(model.parameters()).device
     max_prompt = model_config.block_size - config.max_new_tokens  # keep the newest context
     prompts = [p[-max_prompt:] if max_prompt > 0 and len(p) > max_prompt else p for p in prompts]
-    mask = left_pad(prompts, pad_id, device)[1]
-    B, T = mask.shape
+    ids, mask = left_pad(prompts, pad_id, device)
+    B, T = ids.shape
     step, static = decode_step_of(model)
     length = T + config.max_new_tokens
     cache = KVCache(model_config, B, static_cache_length(length, B, model_config.block_size) if static else length,
@@ -197,7 +198,7 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     # the prompts (in groups of similar length); then one token per step
-    logits = prefill(model, prompts, cache, pad_id, device)
+    logits = prefill(model, prompts, ids, mask, cache, pad_id)
     cache.start_decoding(mask, static=static)
     position = mask.sum(-1, keepdim=True)  # a row's next position counts its real tokens
     # The rows the model still computes (indices into the batch): answers end at very different lengths

@@ -197,8 +197,7 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
         else:
             decision.step_seconds = measure(steps, 2) if compile == "auto" else {}
         if compile == "auto" and planned_steps:
-            step = decision.step_seconds.get(decision.math) or measure({"m": steps[decision.math]}, 2)["m"]
-            planned = step * compile_batch / batch * planned_steps
+            planned = decision.step_seconds[decision.math] * compile_batch / batch * planned_steps
             planned = min(planned, max_seconds) if max_seconds else planned
             if planned < COMPILE_PAYS_AFTER:
                 compile = "off"

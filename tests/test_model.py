@@ -137,7 +137,7 @@ def test_prompts_prefilled_in_length_groups_decode_as_each_prompt_alone(monkeypa
     with torch.no_grad():
         expected = m(input_ids=ids, attention_mask=mask, cache=whole, use_cache=True).logits[:, -1]
         grouped = KVCache(CONFIG, 4, ids.shape[1], "cpu", torch.float32)
-        assert torch.allclose(sampling.prefill(m, prompts, grouped, 0, "cpu"), expected, atol=1e-5)
+        assert torch.allclose(sampling.prefill(m, prompts, ids, mask, grouped, 0), expected, atol=1e-5)
     assert grouped.length == whole.length == ids.shape[1]
     for row, real in enumerate(mask.bool()):  # every row's keys and values where its prompt is
         for mine, reference in zip(grouped.keys + grouped.values, whole.keys + whole.values):
