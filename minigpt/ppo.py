@@ -168,6 +168,38 @@ class KLStop:
         self.recent = list(state.get("recent", []))
 
 
+def step_prompts(n_prompts: int, config, seed: int, step: int) -> list[int]:
+    """The distinct prompts (indices) PPO answers at `step`, each `samples_per_prompt` times: a fixed
+    function of the seed and the step, the same on every process and after a resume."""
+    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed + step))
+    return order[:config.prompts_per_step // config.samples_per_prompt].tolist()
+
+
+def trained_prompts(n_prompts: int, config, seed: int, steps: int, limit: int) -> list[int]:
+    """Up to `limit` prompts the first `steps` steps answered, in the order first drawn: what the policy was
+    rewarded on, to hold its held-out gain against (a gain there but not held out did not transfer)."""
+    seen: dict[int, None] = {}
+    for step in range(steps):
+        seen.update(dict.fromkeys(step_prompts(n_prompts, config, seed, step)))
+    return list(seen)[:limit]
+
+
+def transfer_note(held_out: dict, trained: dict) -> str:
+    """A verdict line: the gain on prompts the policy was rewarded on beside the held-out gain (`pair`s)."""
+    from minigpt.stats import significance
+
+    figure = lambda g, key: f"{g[key]:+.3f} [{g[key + '_ci'][0]:+.3f}, {g[key + '_ci'][1]:+.3f}]"  # noqa: E731
+    line = (f"note  on {trained['prompts']} of its own training prompts: sampled {figure(trained, 'gain_sampled')}, "
+            f"greedy {figure(trained, 'gain_greedy')} (held out: {held_out['gain_sampled']:+.3f} / "
+            f"{held_out['gain_greedy']:+.3f})")
+    for decoding in ("sampled", "greedy"):
+        key = f"gain_{decoding}"
+        learnt = significance(trained[key], trained[key + "_ci"]) == "better"
+        if learnt and significance(held_out[key], held_out[key + "_ci"]) != "better":
+            return line + f": the {decoding} gain on the prompts it was rewarded on did not carry to new ones"
+    return line
+
+
 def repetition_rate(tokens: list[int], n: int = 3) -> float:
     """Share of the response's n-grams that already appeared earlier in it."""
     grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]

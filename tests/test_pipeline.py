@@ -30,6 +30,9 @@ def test_make_all_runs_every_stage_and_skips_finished_ones(tiny_ppo):
     manifest = json.loads((run / "ppo" / "manifest.json").read_text())
     assert manifest["parent"].endswith("sft") and manifest["parent_hash"]
     assert "VERDICT" in (run / "ppo" / "verdict.txt").read_text()
+    assert "of its own training prompts" in (run / "ppo" / "verdict.txt").read_text()
+    trained = json.loads((run / "ppo" / "metrics.json").read_text())["trained_prompts"]
+    assert trained["prompts"] > 0 and math.isfinite(trained["gain_sampled"]) and len(trained["gain_greedy_ci"]) == 2
     # everything is done: a second `make all` runs no stage
     again = make("all", tiny_ppo)
     assert "stages/" not in again.stdout

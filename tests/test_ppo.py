@@ -6,7 +6,7 @@ import torch
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from minigpt.ppo import (AdaptiveKLController, KLStop, TokenValueModel, assign_rewards, clipped_policy_loss,
                          clipped_value_loss, gae_advantages, health_verdict, kl_penalty, leave_one_out_advantages,
-                         make_rollout, ppo_update, whiten)
+                         make_rollout, ppo_update, step_prompts, trained_prompts, transfer_note, whiten)
 
 
 def test_gae_and_returns_against_a_hand_computed_example():
@@ -352,3 +352,29 @@ def test_kl_loss_term_pulls_the_policy_back_toward_the_reference():
     assert after == pytest.approx(before, abs=1e-6)  # zero advantages, no KL term: nothing moves
     before, after = kl_and_step(1.0)
     assert after < 0.8 * before, (before, after)
+
+
+def test_trained_prompts_are_the_prompts_the_steps_drew_first_drawn_first():
+    from minigpt.config import PPOConfig
+
+    config = PPOConfig(prompts_per_step=16, samples_per_prompt=4)
+    drawn = [step_prompts(50, config, seed=3, step=s) for s in range(6)]
+    assert all(len(d) == 4 == len(set(d)) for d in drawn)
+    assert drawn[0] != drawn[1] and drawn[0] == step_prompts(50, config, seed=3, step=0)  # a function of the step
+    trained = trained_prompts(50, config, seed=3, steps=6, limit=100)
+    assert set(trained) == {i for d in drawn for i in d} and len(trained) == len(set(trained))
+    assert trained[:4] == drawn[0]
+    assert trained_prompts(50, config, seed=3, steps=6, limit=5) == trained[:5]
+    assert trained_prompts(50, config, seed=3, steps=0, limit=5) == []
+
+
+def test_transfer_note_says_when_a_gain_on_the_rewarded_prompts_does_not_carry_over():
+    held_out = gains(0.04, (0.01, 0.07), -0.01, (-0.05, 0.03))
+    trained = {**gains(0.19, (0.15, 0.22), 0.12, (0.08, 0.17)), "prompts": 200}
+    note = transfer_note(held_out, trained)
+    assert note.startswith("note  on 200 of its own training prompts: sampled +0.190 [+0.150, +0.220]")
+    assert "greedy gain on the prompts it was rewarded on did not carry" in note  # sampled carried, greedy did not
+    both = transfer_note(gains(0.04, (0.01, 0.07), 0.06, (0.02, 0.1)), trained)
+    assert "did not carry" not in both
+    neither = transfer_note(held_out, {**gains(0.0, (-0.03, 0.03)), "prompts": 200})
+    assert "did not carry" not in neither
