@@ -169,7 +169,8 @@ alternatives: $(R)/ppo/metrics.json $(R)/dpo/metrics.json $(R)/grpo/metrics.json
 
 # `make all` runs up to ALL_ROUNDS rounds of sample → rank → reward model → PPO (round 1 is the
 # pipeline's own; each later one starts from the last policy, minigpt/rounds.py), starting another
-# only while the run should still end within ALL_BUDGET seconds: cpu up to 3 rounds in its 20 minutes,
+# only while the run should still end within ALL_BUDGET seconds (a started round's PPO gets the time
+# left as max_time): cpu up to 3 rounds in its 20 minutes,
 # tiny and gpu one. `make rlhf ROUNDS=N` runs N whatever the time.
 # Every round's stages get the run's own arguments for them (SAMPLES_ARGS, REWARD_ARGS, PPO_ARGS).
 ROUND_STAGE_ARGS = --samples-args $(call quote,$(RUN_SAMPLES_ARGS)) --reward-args $(call quote,$(RUN_REWARD_ARGS)) \

@@ -9,7 +9,9 @@ Each step is the ordinary stage command, so every round folder is an ordinary st
 
 `--time-budget S` (what `make all` uses): start another round only if the run, timed from its
 first output (data/stats.json), would still end within S seconds, estimating the round's cost by
-the one before it. `make all` on the cpu preset thereby runs as many rounds as its 20 minutes allow.
+the one before it, and give that round's PPO loop only the time left (`max_time`), so a round that costs
+more than the one before still ends in time. `make all` on the cpu preset thereby runs as many rounds as its
+20 minutes allow.
 """
 
 from __future__ import annotations
@@ -35,24 +37,41 @@ def stage_folders(run_dir: Path, n: int) -> dict[str, Path]:
     return {s: round_dir(run_dir, n) / s for s in ("samples", "reward", "ppo")}
 
 
+# What a PPO stage spends outside its timed loop (loading, the final evaluations, saving), with margin:
+# a round under a deadline gives PPO's loop the time left minus this.
+PPO_WRAP_UP_SECONDS = 40
+
+
+def with_time_limit(ppo_args: list[str], seconds: float) -> list[str]:
+    """PPO's key=value arguments with `max_time` at most `seconds` (a smaller one of the user's stays)."""
+    given = [float(a.split("=", 1)[1]) for a in ppo_args if a.startswith("max_time=")]
+    if given and 0 < given[-1] <= seconds:
+        return list(ppo_args)
+    return [a for a in ppo_args if not a.startswith("max_time=")] + [f"max_time={max(1, round(seconds))}"]
+
+
 def run_round(n: int, run_dir: Path, common: list[str], launch: list[str], python: list[str],
-              stage_args: dict[str, list[str]] | None = None) -> None:
+              stage_args: dict[str, list[str]] | None = None, deadline: float | None = None) -> None:
     """Round n's three stages; `stage_args` are the run's own key=value overrides per stage (PPO_ARGS, ...),
-    so a round trains as round 1 did."""
+    so a round trains as round 1 did. `deadline` (a time.time()): PPO stops its loop in time to end by then,
+    however long the samples and the reward model took (a round is started on an estimate of its cost)."""
     folders, previous = stage_folders(run_dir, n), stage_folders(run_dir, n - 1)
     policy = previous["ppo"]
     extra = lambda stage: list((stage_args or {}).get(stage, []))  # noqa: E731
     steps = [
-        (folders["samples"], python + ["stages/samples.py", *common, "--out", str(folders["samples"]),
-                                       *extra("samples"), f"policy={policy}"]),
-        (folders["reward"], launch + ["stages/reward.py", *common, "--out", str(folders["reward"]), *extra("reward")]),
-        (folders["ppo"], launch + ["stages/ppo.py", *common, "--out", str(folders["ppo"]), "--policy", str(policy),
-                                   "--reward", str(folders["reward"]), *extra("ppo")]),
+        ("samples", python + ["stages/samples.py", *common, "--out", str(folders["samples"]),
+                              *extra("samples"), f"policy={policy}"]),
+        ("reward", launch + ["stages/reward.py", *common, "--out", str(folders["reward"]), *extra("reward")]),
+        ("ppo", launch + ["stages/ppo.py", *common, "--out", str(folders["ppo"]), "--policy", str(policy),
+                          "--reward", str(folders["reward"])]),
     ]
-    for folder, command in steps:
-        if (folder / "metrics.json").exists():
-            print(f"round {n}: {folder} is done, skipping", flush=True)
+    for stage, command in steps:
+        if (folders[stage] / "metrics.json").exists():
+            print(f"round {n}: {folders[stage]} is done, skipping", flush=True)
             continue
+        if stage == "ppo":
+            left = None if deadline is None else deadline - time.time() - PPO_WRAP_UP_SECONDS
+            command = command + (extra("ppo") if left is None else with_time_limit(extra("ppo"), left))
         print(f"round {n}: {' '.join(command)}", flush=True)
         subprocess.run(command, check=True)
 
@@ -116,13 +135,14 @@ def main(argv=None):
         common += ["--preset", args.preset]
     stage_args = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("samples", "reward", "ppo")}
     done = 1
+    deadline = (run_dir / "data" / "stats.json").stat().st_mtime + args.time_budget if args.time_budget else None
     for n in range(2, args.rounds + 1):
         if args.time_budget and not (stage_folders(run_dir, n)["ppo"] / "metrics.json").exists():
             fits, why = fits_in_budget(run_dir, n, args.time_budget)
             print(why + ("" if fits else f": stopping after {done} round{'s' * (done > 1)}"), flush=True)
             if not fits:
                 break
-        run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable], stage_args)
+        run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable], stage_args, deadline)
         done = n
     rows = summarise(run_dir, done)
     write_json_atomic(run_dir / "rounds" / "summary.json", rows)

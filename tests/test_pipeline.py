@@ -104,3 +104,26 @@ def test_every_round_runs_its_stages_with_the_runs_own_arguments(tmp_path, monke
     assert "k=6" in samples and samples[-1].startswith("policy=")  # the round's policy wins over any given
     assert "lr=3e-4" in reward
     assert ppo[-2:] == ["advantage=rloo", "samples_per_prompt=4"] and "--policy" in ppo
+
+
+def test_a_round_under_a_deadline_gives_ppo_only_the_time_left(tmp_path, monkeypatch):
+    """A round starts on an estimate of its cost; PPO's loop is then cut to what is left of the budget."""
+    import time
+
+    from minigpt import rounds
+
+    commands = []
+    monkeypatch.setattr(rounds.subprocess, "run", lambda command, check: commands.append(command))
+    deadline = time.time() + rounds.PPO_WRAP_UP_SECONDS + 100
+    rounds.run_round(2, tmp_path / "r", ["--run", "r"], ["python"], ["python"], {"ppo": ["lr=1e-5"]}, deadline)
+    ppo = commands[-1]
+    assert "lr=1e-5" in ppo and 95 <= int(ppo[-1].removeprefix("max_time=")) <= 100
+    assert not any(a.startswith("max_time=") for c in commands[:-1] for a in c)  # samples and reward run whole
+    # a user's smaller limit stays; a larger one, or none (0), gives way to the deadline
+    assert rounds.with_time_limit(["max_time=30"], 100) == ["max_time=30"]
+    assert rounds.with_time_limit(["max_time=300", "lr=1"], 100) == ["lr=1", "max_time=100"]
+    assert rounds.with_time_limit(["max_time=0"], 100) == ["max_time=100"]
+    assert rounds.with_time_limit([], -5) == ["max_time=1"]  # past the deadline: one step, then the wrap-up
+    commands.clear()
+    rounds.run_round(2, tmp_path / "r", ["--run", "r"], ["python"], ["python"], {"ppo": ["lr=1e-5"]})
+    assert commands[-1][-1] == "lr=1e-5"  # no deadline, no limit
