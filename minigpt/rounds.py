@@ -109,6 +109,9 @@ def summarise(run_dir: Path, rounds: int) -> list[dict]:
                      "gain_sampled": ppo.get("gain_sampled"), "gain_sampled_ci": ppo.get("gain_sampled_ci"),
                      "win_rate": ppo.get("win_rate"), "reward_after": ppo["reward_after"], "kl": ppo["kl"],
                      "ppo_steps": ppo.get("steps"), "stopped_at_kl": ppo.get("stopped_at_kl"),
+                     # the same gain on prompts the round's PPO was rewarded on: what did not carry to new ones
+                     "own_prompts_gain_sampled": (ppo.get("trained_prompts") or {}).get("gain_sampled"),
+                     "own_prompts_gain_greedy": (ppo.get("trained_prompts") or {}).get("gain_greedy"),
                      "healthy": ppo.get("healthy")})
     return rows
 
@@ -147,12 +150,13 @@ def main(argv=None):
     rows = summarise(run_dir, done)
     write_json_atomic(run_dir / "rounds" / "summary.json", rows)
     print(f"\n{'round':>5}  {'RM pair acc':>11}  {'gold before':>11}  {'gold after':>10}  {'gain [95% CI]':>24}"
-          f"  {'KL':>6}  healthy")
+          f"  {'own prompts':>11}  {'KL':>6}  healthy")
     for r in rows:
         ci = r["gain_sampled_ci"] or [float("nan")] * 2
         gain = f"{r['gain_sampled']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]" if r["gain_sampled"] is not None else "—"
+        own = f"{r['own_prompts_gain_sampled']:+.3f}" if r["own_prompts_gain_sampled"] is not None else "—"
         print(f"{r['round']:>5}  {r['pairwise_accuracy']:>11.3f}  {r['gold_before']:>11.3f}  {r['gold_after']:>10.3f}"
-              f"  {gain:>24}  {r['kl']:>6.2f}  {r['healthy']}")
+              f"  {gain:>24}  {own:>11}  {r['kl']:>6.2f}  {r['healthy']}")
     print(f"\nsummary: {run_dir / 'rounds' / 'summary.json'}")
 
 

@@ -69,6 +69,9 @@ def test_rlhf_rounds(tiny_ppo, tmp_path):
     round1 = json.loads((root / "t" / "ppo" / "metrics.json").read_text())
     assert summary[1]["gold_before"] == round1["gold_after"]
     assert summary[1]["gain_sampled_ci"][0] <= summary[1]["gain_sampled"] <= summary[1]["gain_sampled_ci"][1]
+    round2 = json.loads((root / "t" / "rounds" / "2" / "ppo" / "metrics.json").read_text())
+    assert summary[1]["own_prompts_gain_sampled"] == round2["trained_prompts"]["gain_sampled"]
+    assert "own prompts" in result.stdout
     # `make all`'s time budget: a third round that would end past it is not started
     budgeted = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "minigpt.rounds", "--run", "t", "--runs-root",
                                str(root), "--preset", "tiny", "--rounds", "3", "--time-budget", "1"],
