@@ -82,10 +82,15 @@ def round_seconds(run_dir: Path, n: int) -> float:
     return (stage_folders(run_dir, n)["ppo"] / "metrics.json").stat().st_mtime - start.stat().st_mtime
 
 
+def run_started(run_dir: Path) -> float:
+    """When the run began (a time.time()): its first output, the world's data/stats.json."""
+    return (run_dir / "data" / "stats.json").stat().st_mtime
+
+
 def fits_in_budget(run_dir: Path, n: int, budget: float, now: float | None = None) -> tuple[bool, str]:
     """Whether round n, costing what round n−1 did, ends within `budget` seconds of the run's start."""
     now = time.time() if now is None else now
-    elapsed = now - (run_dir / "data" / "stats.json").stat().st_mtime
+    elapsed = now - run_started(run_dir)
     cost = round_seconds(run_dir, n - 1)
     fits = elapsed + cost <= budget
     return fits, (f"round {n}: {elapsed:.0f} s since the run began + {cost:.0f} s (round {n - 1}'s time) "
@@ -138,7 +143,7 @@ def main(argv=None):
         common += ["--preset", args.preset]
     stage_args = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("samples", "reward", "ppo")}
     done = 1
-    deadline = (run_dir / "data" / "stats.json").stat().st_mtime + args.time_budget if args.time_budget else None
+    deadline = run_started(run_dir) + args.time_budget if args.time_budget else None
     for n in range(2, args.rounds + 1):
         if args.time_budget and not (stage_folders(run_dir, n)["ppo"] / "metrics.json").exists():
             fits, why = fits_in_budget(run_dir, n, args.time_budget)

@@ -257,8 +257,8 @@ def main():
         trained = None
         if gains.get("gain_sampled") is not None and has_judge_records(seen):
             own = dataclasses.replace(eval_config, kl_samples=0)  # gold only: no KL, no reward model
-            trained = pair(evaluate(load_causal_lm(policy_dir).to(device), tokenizer, seen, own,
-                                    name="starting policy on PPO's prompts"),
+            start = reference if policy_dir == sft_dir else load_causal_lm(policy_dir).to(device)
+            trained = pair(evaluate(start, tokenizer, seen, own, name="starting policy on PPO's prompts"),
                            evaluate(final_policy, tokenizer, seen, own, name="PPO policy on PPO's prompts"),
                            "start", "ppo")
             verdict.append(transfer_note(gains, trained))
