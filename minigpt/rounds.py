@@ -37,6 +37,16 @@ def stage_folders(run_dir: Path, n: int) -> dict[str, Path]:
     return {s: round_dir(run_dir, n) / s for s in ("samples", "reward", "ppo")}
 
 
+# Round n's PPO runs with seed + (n−1) × this: PPO draws its prompts (and rollouts) from the seed, so with the
+# run's own seed every round would be rewarded on round 1's first prompts again, in the same order.
+ROUND_SEED_STRIDE = 100_000
+
+
+def round_seed(seed: int, n: int) -> int:
+    """The seed round n's PPO stage runs with: its own prompt draws and rollouts."""
+    return seed + ROUND_SEED_STRIDE * (n - 1)
+
+
 # What a PPO stage spends outside its timed loop (loading, the final evaluations, saving), with margin:
 # a round under a deadline gives PPO's loop the time left minus this.
 PPO_WRAP_UP_SECONDS = 40
@@ -51,19 +61,22 @@ def with_time_limit(ppo_args: list[str], seconds: float) -> list[str]:
 
 
 def run_round(n: int, run_dir: Path, common: list[str], launch: list[str], python: list[str],
-              stage_args: dict[str, list[str]] | None = None, deadline: float | None = None) -> None:
+              stage_args: dict[str, list[str]] | None = None, deadline: float | None = None, seed: int = 0) -> None:
     """Round n's three stages; `stage_args` are the run's own key=value overrides per stage (PPO_ARGS, ...),
-    so a round trains as round 1 did. `deadline` (a time.time()): PPO stops its loop in time to end by then,
+    so a round trains as round 1 did. Samples and reward run with `seed` (the reward model's held-out prompts
+    stay the same in every round); PPO with `round_seed`, so it is rewarded on prompts of its own.
+    `deadline` (a time.time()): PPO stops its loop in time to end by then,
     however long the samples and the reward model took (a round is started on an estimate of its cost)."""
     folders, previous = stage_folders(run_dir, n), stage_folders(run_dir, n - 1)
     policy = previous["ppo"]
     extra = lambda stage: list((stage_args or {}).get(stage, []))  # noqa: E731
     steps = [
-        ("samples", python + ["stages/samples.py", *common, "--out", str(folders["samples"]),
+        ("samples", python + ["stages/samples.py", *common, "--seed", str(seed), "--out", str(folders["samples"]),
                               *extra("samples"), f"policy={policy}"]),
-        ("reward", launch + ["stages/reward.py", *common, "--out", str(folders["reward"]), *extra("reward")]),
-        ("ppo", launch + ["stages/ppo.py", *common, "--out", str(folders["ppo"]), "--policy", str(policy),
-                          "--reward", str(folders["reward"])]),
+        ("reward", launch + ["stages/reward.py", *common, "--seed", str(seed), "--out", str(folders["reward"]),
+                             *extra("reward")]),
+        ("ppo", launch + ["stages/ppo.py", *common, "--seed", str(round_seed(seed, n)), "--out", str(folders["ppo"]),
+                          "--policy", str(policy), "--reward", str(folders["reward"])]),
     ]
     for stage, command in steps:
         if (folders[stage] / "metrics.json").exists():
@@ -138,7 +151,7 @@ def main(argv=None):
     if not (run_dir / "ppo" / "metrics.json").exists():
         raise SystemExit(f"error: {run_dir / 'ppo'} is not finished: round 1 is the pipeline itself "
                          f"(run `make ppo RUN={args.run}` first)")
-    common = ["--run", args.run, "--runs-root", args.runs_root, "--seed", str(args.seed)]
+    common = ["--run", args.run, "--runs-root", args.runs_root]
     if args.preset:
         common += ["--preset", args.preset]
     stage_args = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("samples", "reward", "ppo")}
@@ -150,7 +163,7 @@ def main(argv=None):
             print(why + ("" if fits else f": stopping after {done} round{'s' * (done > 1)}"), flush=True)
             if not fits:
                 break
-        run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable], stage_args, deadline)
+        run_round(n, run_dir, common, shlex.split(args.launch), [sys.executable], stage_args, deadline, args.seed)
         done = n
     rows = summarise(run_dir, done)
     write_json_atomic(run_dir / "rounds" / "summary.json", rows)

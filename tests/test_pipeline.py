@@ -109,6 +109,24 @@ def test_every_round_runs_its_stages_with_the_runs_own_arguments(tmp_path, monke
     assert ppo[-2:] == ["advantage=rloo", "samples_per_prompt=4"] and "--policy" in ppo
 
 
+def test_a_later_rounds_ppo_is_rewarded_on_prompts_of_its_own(tmp_path, monkeypatch):
+    """Samples and reward keep the run's seed (the reward model's held-out prompts stay held out); PPO gets
+    a seed of its own, or round 2 would draw round 1's first prompts again, step by step."""
+    from minigpt import rounds
+    from minigpt.config import PPOConfig, load_config
+    from minigpt.ppo import step_prompts
+
+    commands = []
+    monkeypatch.setattr(rounds.subprocess, "run", lambda command, check: commands.append(command))
+    rounds.run_round(2, tmp_path / "r", ["--run", "r"], ["python"], ["python"], seed=7)
+    seed_of = lambda command: int(command[command.index("--seed") + 1])  # noqa: E731
+    samples, reward, ppo = commands
+    assert seed_of(samples) == seed_of(reward) == 7 and seed_of(ppo) == rounds.round_seed(7, 2) != 7
+    config = load_config(PPOConfig, "cpu")
+    round_1 = [step_prompts(600, config, 7, step) for step in range(config.steps)]
+    assert all(step_prompts(600, config, seed_of(ppo), step) not in round_1 for step in range(8))
+
+
 def test_a_round_under_a_deadline_gives_ppo_only_the_time_left(tmp_path, monkeypatch):
     """A round starts on an estimate of its cost; PPO's loop is then cut to what is left of the budget."""
     import time
