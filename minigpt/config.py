@@ -172,6 +172,9 @@ class RewardConfig:
     max_time: float = 0.0
     sources: str = "judge"  # judge | human | both
     confidence: bool = True  # add the SFT model's confidence in the response, weighted by the rankings
+    # scalar: a score head read on the response's <|end|>; verifier: the generative verifier's form, the head read
+    # after a check question and started as the LM's logit("Yes") − logit("No") (minigpt/reward_model.py)
+    head: str = "scalar"
 
     PRESETS: typing.ClassVar[dict] = {
         "tiny": dict(epochs=1.0, max_steps=12, prompts_per_batch=4, eval_steps=6,

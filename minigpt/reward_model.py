@@ -19,6 +19,12 @@ with the two weights fitted on the training rankings by the same pairwise loss (
 after the head is trained: the rankings alone decide how much the confidence counts (zero if it does
 not help). It reads the reward from the model's own next-token probabilities, as generative verifiers
 do (Zhang et al. 2024), without a question-and-answer format the small model never saw.
+
+`head=verifier` is the generative verifier itself, for comparison (Zhang et al. 2024): the reward model
+reads the conversation followed by a check question ("Is that answer right?") and the assistant marker,
+and its score head starts as the language model's "Yes" logit minus its "No" logit at that position —
+at initialisation the score *is* the SFT model's zero-shot verdict, read through the same LM head that
+holds its knowledge — then the pairwise loss trains it on the rankings like the scalar head.
 """
 
 from __future__ import annotations
@@ -33,19 +39,37 @@ from minigpt.ranking import ranking_loss, ranking_pairs
 from minigpt.sampling import batches_by_length, left_pad
 
 
-def encode_response(tokenizer, prompt_messages, response: str, max_length: int) -> list[int]:
-    """The conversation as the reward model reads it; its score sits on the final <|end|>."""
-    ids, _ = tokenizer.encode_chat(list(prompt_messages) + [{"role": "assistant", "content": response}])
+# The generative verifier's question and the two answers whose logits it compares (head=verifier)
+CHECK_QUESTION = "Is that answer right?"
+VERDICT_WORDS = ("Yes", "No")
+
+
+def encode_response(tokenizer, prompt_messages, response: str, max_length: int, verifier: bool = False) -> list[int]:
+    """The conversation as the reward model reads it; its score sits on the final <|end|>, or, for the
+    verifier, on the assistant marker after the check question (where the verdict's first token comes)."""
+    messages = list(prompt_messages) + [{"role": "assistant", "content": response}]
+    if verifier:
+        messages.append({"role": "user", "content": CHECK_QUESTION})
+    ids, _ = tokenizer.encode_chat(messages, add_generation_prompt=verifier)
     return ids[-max_length:]
 
 
-def encode_rankings(tokenizer, rankings: list[dict], max_length: int) -> list[dict]:
+def init_verifier_head(classifier, language_model, tokenizer) -> None:
+    """Start the score head as the LM's logit("Yes") − logit("No"): the final hidden state goes through the same
+    norm in both models, so at the check position the classifier's score equals the LM's logit difference."""
+    yes, no = (tokenizer.encode(word)[0] for word in VERDICT_WORDS)
+    head = language_model.get_output_embeddings().weight
+    with torch.no_grad():
+        classifier.score.weight.copy_((head[yes] - head[no])[None].to(classifier.score.weight.dtype))
+
+
+def encode_rankings(tokenizer, rankings: list[dict], max_length: int, verifier: bool = False) -> list[dict]:
     """Ranking records → rows of {responses_ids (K lists), ranks}; prompts without a comparison dropped."""
     rows = []
     for record in rankings:
         if not ranking_pairs(record["ranks"]):
             continue  # all tied: nothing to learn from
-        rows.append({"responses_ids": [encode_response(tokenizer, record["prompt"], r, max_length)
+        rows.append({"responses_ids": [encode_response(tokenizer, record["prompt"], r, max_length, verifier)
                                        for r in record["responses"]],
                      "ranks": list(record["ranks"])})
     return rows
@@ -111,10 +135,10 @@ def in_given_order(batches: list[list[int]], values: list[torch.Tensor]) -> torc
 
 @torch.no_grad()
 def score_conversations(reward_model, tokenizer, prompts: list[list[dict]], responses: list[str],
-                        max_length: int = 256, batch_size: int = 64) -> torch.Tensor:
+                        max_length: int = 256, batch_size: int = 64, verifier: bool = False) -> torch.Tensor:
     """Reward-model scores (n,) of responses to prompts (message lists)."""
     device = next(reward_model.parameters()).device
-    sequences = [encode_response(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)]
+    sequences = [encode_response(tokenizer, p, r, max_length, verifier) for p, r in zip(prompts, responses)]
     batches = batches_by_length([len(s) for s in sequences], batch_size)
     scores = []
     for batch in batches:
@@ -166,10 +190,11 @@ class RewardScorer:
     head_weight: float = 1.0
     confidence_weight: float = 0.0
     max_length: int = 256
+    verifier: bool = False  # the head reads the check question's position (head=verifier)
 
     def raw(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
         score = self.head_weight * score_conversations(self.model, self.tokenizer, prompts, responses,
-                                                       self.max_length).cpu()
+                                                       self.max_length, verifier=self.verifier).cpu()
         if self.confidence_weight:
             if self.confidence_model is None:
                 raise ValueError("RewardScorer: confidence_weight is set but no confidence_model (the SFT model)")
@@ -220,5 +245,5 @@ def load_reward_scorer(folder: Path, device=None, confidence_model=None) -> "Rew
     scorer = RewardScorer(load_sequence_classifier(folder).eval().requires_grad_(False), Tokenizer.load(folder),
                           stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0) or 1.0,
                           confidence_model if confidence_weight else None, stats.get("head_weight", 1.0),
-                          confidence_weight, stats.get("max_length", 256))
+                          confidence_weight, stats.get("max_length", 256), stats.get("head") == "verifier")
     return scorer.to(device) if device is not None else scorer

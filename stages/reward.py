@@ -24,7 +24,7 @@ from minigpt.evaluation import best_of_n, eval_records
 from minigpt.judge import has_judge_records
 from minigpt.ranking import fit_pairwise_weights, ranking_metrics, ranking_pairs, split_by_prompt
 from minigpt.reward_model import (RankingCollator, RankingRewardTrainer, RewardScorer, encode_rankings,
-                                  response_confidence, score_conversations)
+                                  init_verifier_head, response_confidence, score_conversations)
 from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
@@ -60,6 +60,9 @@ def main():
     out = args.out_dir
     parent = require_stage(args, "sft")
     tokenizer = Tokenizer.load(parent)
+    if config.head not in ("scalar", "verifier"):
+        raise SystemExit(f"error: head={config.head!r}: expected scalar or verifier")
+    verifier = config.head == "verifier"
 
     rankings = []
     for source in ranked_sources(args, config):
@@ -68,12 +71,15 @@ def main():
         except DataError as error:
             raise SystemExit(f"error: {error}") from None
     train_rankings, val_rankings = split_by_prompt(rankings, config.val_fraction, seed=args.seed)
-    train_rows = encode_rankings(tokenizer, train_rankings, config.max_length)
-    val_rows = encode_rankings(tokenizer, val_rankings, config.max_length)
+    train_rows = encode_rankings(tokenizer, train_rankings, config.max_length, verifier)
+    val_rows = encode_rankings(tokenizer, val_rankings, config.max_length, verifier)
     log.info("reward: %d prompts with rankings (%d train / %d held out)", len(rankings), len(train_rows), len(val_rows))
 
     model = load_sequence_classifier(parent)
     model.config.pad_token_id = tokenizer.pad_id
+    sft_model = load_causal_lm(parent).eval()  # the confidence term's model, and the verifier head's start
+    if verifier:  # a resumed run's trainer then loads its trained head over this start
+        init_verifier_head(model, sft_model, tokenizer)
     training_args = TRLRewardConfig(
         **common_training_arguments(out, config, args.seed),
         # whole prompts: all their pairs together
@@ -96,13 +102,12 @@ def main():
     model = trainer.model.eval()
 
     # --- the reward: the trained head plus the SFT model's confidence, weighted by the rankings -------
-    sft_model = load_causal_lm(parent).eval()
 
     def features_of(records):
         """Per prompt: [(head, confidence) per response] and its ranks."""
         prompts = [r["prompt"] for r in records for _ in r["responses"]]
         responses = [x for r in records for x in r["responses"]]
-        head = score_conversations(model, tokenizer, prompts, responses, config.max_length).tolist()
+        head = score_conversations(model, tokenizer, prompts, responses, config.max_length, verifier=verifier).tolist()
         confidence = response_confidence(sft_model, tokenizer, prompts, responses, config.max_length).tolist()
         groups, k = [], 0
         for r in records:
@@ -126,7 +131,7 @@ def main():
              "kendall_tau": quality.kendall_tau, "reward_mean": statistics.fmean(all_rewards),
              "reward_std": statistics.pstdev(all_rewards) or 1.0, "val_prompts": quality.n_prompts,
              "val_pairs": quality.n_pairs, "train_prompts": len(train_rows),
-             "head_weight": head_weight, "confidence_weight": confidence_weight,
+             "head_weight": head_weight, "confidence_weight": confidence_weight, "head": config.head,
              "head_mean": statistics.fmean(h for f, _ in sft_groups for h, _ in f), "max_length": config.max_length,
              "head_pairwise_accuracy": head_only.pairwise_accuracy,
              "confidence_pairwise_accuracy": confidence_only.pairwise_accuracy}
@@ -145,7 +150,7 @@ def main():
     eval_prompts = eval_records(eval_source, eval_config) if args.eval_data or eval_source.is_dir() else []
     if has_judge_records(eval_prompts):
         scorer = RewardScorer(model, tokenizer, final["reward_mean"], final["reward_std"], sft_model,
-                              head_weight, confidence_weight, config.max_length)
+                              head_weight, confidence_weight, config.max_length, verifier)
         best = best_of_n(sft_model, tokenizer, eval_prompts, scorer, eval_config)
         for n in eval_config.best_of_n_values:
             row = best[str(n)]

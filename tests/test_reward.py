@@ -209,3 +209,56 @@ def test_ppo_stops_at_its_kl_budget(tiny_ppo, tmp_path):
     # step 1's rollouts come from the SFT weights themselves (KL 0); after one update the KL is > 0
     assert metrics["steps"] == 2 and metrics["stopped_at_kl"] > 0
     assert "KL budget reached at step 2" in result.stderr + result.stdout
+
+
+def test_a_verifier_head_starts_as_the_lms_yes_minus_no_logit_after_the_check_question(tiny_sft):
+    import torch
+
+    from minigpt.checkpoint import load_causal_lm, load_sequence_classifier
+    from minigpt.reward_model import (CHECK_QUESTION, encode_response, init_verifier_head, score_conversations)
+    from minigpt.tokenizer import Tokenizer
+
+    tokenizer, lm = Tokenizer.load(tiny_sft), load_causal_lm(tiny_sft).eval()
+    classifier = load_sequence_classifier(tiny_sft).eval()
+    init_verifier_head(classifier, lm, tokenizer)
+    prompt = [{"role": "user", "content": "What is two plus two?"}]
+    responses = ["Four.", "Two plus two is five, I think."]
+    scores = score_conversations(classifier, tokenizer, [prompt, prompt], responses, verifier=True)
+    yes, no = tokenizer.encode("Yes")[0], tokenizer.encode("No")[0]
+    for response, score in zip(responses, scores):
+        ids = encode_response(tokenizer, prompt, response, 256, verifier=True)
+        question = tokenizer.encode(CHECK_QUESTION)
+        assert ids[-1] == tokenizer.assistant_id and ids[-2 - len(question):-2] == question
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([ids])).logits[0, -1]
+        assert torch.allclose(score, logits[yes] - logits[no], atol=1e-4)
+    assert scores[0] != scores[1]
+
+
+def test_reward_with_the_verifier_head_is_read_the_same_way_by_every_stage(tiny_ppo, tmp_path):
+    import torch
+
+    from minigpt.data import load_prompts
+    from minigpt.reward_model import load_reward_scorer, response_confidence, score_conversations
+
+    out = tmp_path / "reward_verifier"
+    run_stage("reward", tiny_ppo, "--out", str(out), "head=verifier")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["head"] == "verifier" and 0 <= metrics["pairwise_accuracy"] <= 1
+    scorer = load_reward_scorer(out)
+    assert scorer.verifier
+    records = load_prompts(tiny_ppo / "t" / "data", "eval")[:3]
+    prompts, responses = [r["messages"] for r in records], ["Four.", "Mara lives in Oakfield.", "No."]
+    head = score_conversations(scorer.model, scorer.tokenizer, prompts, responses, verifier=True)
+    assert not torch.allclose(head, score_conversations(scorer.model, scorer.tokenizer, prompts, responses))
+    raw = metrics["head_weight"] * head
+    if scorer.confidence_model is not None:
+        raw = raw + metrics["confidence_weight"] * response_confidence(scorer.confidence_model, scorer.tokenizer,
+                                                                       prompts, responses)
+    expected = (raw - metrics["reward_mean"]) / metrics["reward_std"]
+    assert torch.allclose(torch.tensor(scorer(records, responses)), expected, atol=1e-4)
+
+
+def test_an_unknown_reward_head_is_one_clear_error(tiny_ppo, tmp_path):
+    result = run_stage("reward", tiny_ppo, "--out", str(tmp_path / "r"), "head=banana", check=False)
+    assert result.returncode != 0 and "head='banana': expected scalar or verifier" in result.stderr
