@@ -102,7 +102,6 @@ def main():
     model = trainer.model.eval()
 
     # --- the reward: the trained head plus the SFT model's confidence, weighted by the rankings -------
-
     def features_of(records):
         """Per prompt: [(head, confidence) per response] and its ranks."""
         prompts = [r["prompt"] for r in records for _ in r["responses"]]
