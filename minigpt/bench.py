@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM
 from minigpt.sampling import SamplingConfig, compile_decoding, generate
-from minigpt.speed import autocast_for, bf16_supported, choose_speed, matmul_math
+from minigpt.speed import autocast_for, bf16_supported, choose_speed, matmul_math, set_attention
 
 
 def machine() -> dict:
@@ -212,6 +212,7 @@ def main(argv=None):
     parser.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16, as the stages take it")
     parser.add_argument("--compile", default="auto",
                         help="auto | on | off, as pretraining takes it (on a 2-core CPU compiling takes 20-60 s)")
+    parser.add_argument("--attention", default="auto", help="auto | sdpa | eager, as pretraining takes it")
     parser.add_argument("--run", default="",
                         help="a finished run's folder: also time its SFT model's rollouts on its PPO prompts")
     parser.add_argument("--decode-compile", type=int, default=1,
@@ -227,10 +228,14 @@ def main(argv=None):
           f"avx512_bf16 {host['avx512_bf16']}, amx_bf16 {host['amx_bf16']}, oneDNN bf16 {host['onednn_bf16']}")
     peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     # The same decision a stage makes at start, on the bench's shapes.
-    decision = choose_speed(ours, args.batch, args.block, args.vocab, "cpu", args.dtype, args.compile)
+    decision = choose_speed(ours, args.batch, args.block, args.vocab, "cpu", args.dtype, args.compile,
+                            attention=args.attention)
     print(decision.describe())
     math = decision.math
-    ours_auto, gpt2_same = decision.wrap(ours), decision.wrap(gpt2)
+    # Copies take the choices (attention kernel, compilation); `ours` and `gpt2` stay as plain SDPA models:
+    # the fp32-eager baseline, GPT-2 as a user runs it, and every decoding figure.
+    ours_auto, gpt2_same = decision.wrap(copy.deepcopy(ours)), decision.wrap(copy.deepcopy(gpt2))
+    set_attention(ours, "sdpa")
 
     train = {"ours": [], "ours_fp32_eager": [], "gpt2": [], "gpt2_same_choices": []}
     runs = {"ours": (ours_auto, math), "ours_fp32_eager": (ours, "fp32"), "gpt2": (gpt2, "fp32"),

@@ -85,6 +85,10 @@ class PretrainConfig:
     # max_time). Measured per class (README, Performance): it paid on the AMD EPYC with bf16 (1,500 steps in
     # 440 s instead of 485-561 s) and came out level on the Xeon without AMX, so the cpu preset tries it.
     compile: str = "auto"
+    # auto | sdpa | eager: the attention kernel (Transformers' attn_implementation names). auto times
+    # PyTorch's fused SDPA against attention written out as matmul, softmax, matmul, eager and compiled
+    # (minigpt/speed.py); on the AMD EPYC with bf16 the written-out one compiled trains the cpu preset 1.16x faster.
+    attention: str = "auto"
     speed_batch: int = 4  # sequences per step the auto choices are timed on
     # bookkeeping
     eval_every: int = 250
@@ -94,12 +98,14 @@ class PretrainConfig:
     log_every: int = 10
 
     PRESETS: typing.ClassVar[dict] = {
-        # tiny is fp32: its tests compare runs to 1e-4, which a per-run bf16 choice would break.
+        # tiny is fp32 with SDPA: its tests compare runs to 1e-4, which a per-run bf16 or kernel choice would break.
         "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=8, lr=3e-3, max_time=0.0,
-                     dtype="float32", compile="off",
+                     dtype="float32", compile="off", attention="sdpa",
                      warmup_steps=10, max_steps=120, eval_every=40, eval_batches=4,
                      save_every=40, sample_every=120),
-        "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=64, max_time=0.0,
+        # SDPA's fused kernels are the known best on a GPU, and written-out attention at 512 tokens x batch 64
+        # would hold GBs of scores: not measured there.
+        "gpu": dict(n_layer=8, n_head=8, n_embd=512, block_size=512, batch_size=64, max_time=0.0, attention="sdpa",
                     lr=1e-3, warmup_steps=500, max_steps=20000, eval_every=500,
                     save_every=1000, sample_every=2000),
     }

@@ -1,4 +1,4 @@
-"""Run-time speed choices: bf16 math and `torch.compile`, decided by measuring this machine.
+"""Run-time speed choices: bf16 math, the attention kernel and `torch.compile`, decided by measuring this machine.
 
 Machines differ from one day to the next: on a Xeon with AMX bf16 matmuls are several times faster
 than fp32, on an EPYC without AVX-512 bf16 is twenty times *slower*, and whether `torch.compile`
@@ -9,7 +9,7 @@ Anything that fails (no bf16, a compiler error) falls back to fp32 eager.
 
     decision = choose_speed(model, batch=16, block=256, vocab=2048, device=device, dtype="auto", compile="auto")
     decision.apply()             # sets the process-wide matmul precision the decision wants
-    model = decision.wrap(model) # torch.compile'd when it won
+    model = decision.wrap(model) # its attention kernel set, and torch.compile'd when that won
 """
 
 from __future__ import annotations
@@ -34,15 +34,22 @@ MATHS = ("fp32", "bf16_autocast", "bf16_matmul")
 # Compiling costs 20-60 s on a 2-core CPU and a compiled step saved 15-25% there, so it pays back only after a
 # few minutes of training: a shorter run (a 70-s tinyshakespeare try, a smoke test) is not worth compiling.
 COMPILE_PAYS_AFTER = 240.0
+# The attention kernels, by Transformers' `attn_implementation` names: "sdpa" (PyTorch's fused
+# scaled_dot_product_attention, the default) and "eager" (matmul, softmax, matmul written out:
+# model.explicit_attention). On a CPU, bf16, short sequences and small heads, the written-out form
+# trains faster, above all compiled (its mask and softmax fuse into one loop); in fp32 it is slower.
+ATTENTIONS = ("sdpa", "eager")
 
 
 @dataclass
 class SpeedDecision:
     math: str = "fp32"
+    attention: str = "sdpa"
     compile: bool = False
     # seconds per training step, median of the interleaved measurements, per candidate tried
     step_seconds: dict = field(default_factory=dict)
     compile_seconds: float = 0.0  # the one-off cost of compiling, when it was tried
+    attention_round: dict = field(default_factory=dict)  # SDPA vs written-out attention, measured together
     compile_round: dict = field(default_factory=dict)  # eager vs compiled, measured together
     notes: list = field(default_factory=list)  # why a candidate was skipped or failed
 
@@ -53,17 +60,20 @@ class SpeedDecision:
 
     def speedup(self) -> float:
         """Chosen step time vs fp32 eager's (1.0 when nothing was measured)."""
-        times = self.compile_round if self.compile and self.compile_round else self.step_seconds
-        chosen, base = times.get(self.name()), times.get("fp32")
-        return round(base / chosen, 3) if chosen and base else 1.0
+        for times in (self.compile_round, self.attention_round, self.step_seconds):  # the round that decided
+            chosen, base = times.get(self.name()), times.get("fp32")
+            if chosen and base:
+                return round(base / chosen, 3)
+        return 1.0
 
     def name(self) -> str:
-        return self.math + ("+compile" if self.compile else "")
+        return candidate_name(self.math, self.attention, self.compile)
 
     def apply(self) -> None:
         set_matmul_math(self.math)
 
     def wrap(self, model):
+        set_attention(model, self.attention)
         return torch.compile(model) if self.compile else model
 
     def as_dict(self) -> dict:
@@ -71,9 +81,12 @@ class SpeedDecision:
 
     def describe(self) -> str:
         times = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.step_seconds.items())
-        extra = f"; compile took {self.compile_seconds:.1f}s" if self.compile_seconds else ""
-        if self.compile_round:
-            extra += "; then " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.compile_round.items())
+        extra = ""
+        for later, before in ((self.attention_round, ""), (self.compile_round, "compile")):
+            if before and self.compile_seconds:
+                extra += f"; compile took {self.compile_seconds:.1f}s"
+            if later:
+                extra += "; then " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in later.items())
         notes = f"; {'; '.join(self.notes)}" if self.notes else ""
         return f"speed: chose {self.name()} ({self.speedup():.2f}x fp32 eager) from {times or 'no measurement'}{extra}{notes}"
 
@@ -117,6 +130,32 @@ def candidate_maths(dtype: str, device) -> tuple[list[str], list[str]]:
     if torch.device(device).type == "cpu":
         maths.append("bf16_matmul")
     return maths, []
+
+
+def candidate_name(math: str, attention: str = "sdpa", compiled: bool = False) -> str:
+    """How a setting is named in the logs and metrics: e.g. `bf16_autocast+eager_attention+compile`."""
+    return math + ("+eager_attention" if attention == "eager" else "") + ("+compile" if compiled else "")
+
+
+def set_attention(model, attention: str) -> None:
+    """Point the model at an attention kernel: Transformers' `config._attn_implementation`, which our
+    attention (and GPT-2's) reads at every call. Not saved with the model: a checkpoint loads as SDPA."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}: expected auto or one of {', '.join(ATTENTIONS)}")
+    from transformers import PretrainedConfig
+
+    for module in model.modules():  # through any wrapper: DDP, torch.compile, PEFT
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            config._attn_implementation = attention
+
+
+def candidate_attentions(attention: str) -> list[str]:
+    if attention == "auto":
+        return list(ATTENTIONS)
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}: expected auto or one of {', '.join(ATTENTIONS)}")
+    return [attention]
 
 
 def parse_compile(value) -> str:
@@ -168,34 +207,56 @@ def measure(steps: dict, repeats: int = 5, min_seconds: float = 0.0) -> dict:
 
 def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str = "auto", compile="auto",
                  repeats: int = 5, compile_batch: int | None = None, planned_steps: int = 0,
-                 max_seconds: float = 0.0) -> SpeedDecision:
+                 max_seconds: float = 0.0, attention: str = "auto") -> SpeedDecision:
     """Time the candidate settings on `model` itself and return the fastest that beats fp32 eager.
 
-    An explicit `dtype` (float32 / bfloat16) or `compile` (on / off) is obeyed, not measured.
-    The model's weights are not changed (forward and backward only; gradients are discarded).
-    `compile_batch` (default `batch`): the batch torch.compile is tried and timed at. Give the run's own
-    micro-batch, so the training loop reuses the graph compiled here instead of compiling another one
-    for a new shape (a second shape also makes torch.compile fall back to shape-generic kernels).
+    Three rounds, each interleaved and each with its own baseline: the math (fp32, bf16 autocast, bf16
+    matmuls), then the attention kernel at the chosen math (SDPA or written out), then compiled against
+    eager. An explicit `dtype` (float32 / bfloat16), `attention` (sdpa / eager) or `compile` (on / off)
+    is obeyed, not measured. The model's weights are not changed (forward and backward only; gradients
+    are discarded). `compile_batch` (default `batch`): the batch torch.compile is tried and timed at. Give
+    the run's own micro-batch, so the training loop reuses the graph compiled here instead of compiling
+    another one for a new shape (a second shape also makes torch.compile fall back to shape-generic kernels).
     `planned_steps` / `max_seconds` (0: unknown / none): the run's length. `compile=auto` is not tried when
     the run, at the eager step time just measured, would train for less than COMPILE_PAYS_AFTER seconds.
     """
     compile_batch = compile_batch or batch
     compile = parse_compile(compile)
     maths, notes = candidate_maths(dtype, device)
-    decision = SpeedDecision(math=maths[0], notes=notes)
-    if len(maths) == 1 and compile == "off":
+    attentions = candidate_attentions(attention)
+    decision = SpeedDecision(math=maths[0], attention=attentions[0], notes=notes)
+    if len(maths) == 1 and len(attentions) == 1 and compile == "off":
         return decision  # nothing to choose
+
+    def step_fn(target, math, attn, rows=batch):
+        step = training_step_fn(target, rows, block, vocab, device, math)
+
+        def run():
+            set_attention(model, attn)
+            step()
+        return run
+
     was_training = model.training
     model.train()
     try:
-        steps = {m: training_step_fn(model, batch, block, vocab, device, m) for m in maths}
+        steps = {m: step_fn(model, m, attentions[0]) for m in maths}
         for step in steps.values():  # warm-up: oneDNN primitives, allocator
             step()
         if len(maths) > 1:
             decision.step_seconds = measure(steps, repeats)
             decision.math = pick(decision.step_seconds, "fp32")
-        else:
-            decision.step_seconds = measure(steps, 2) if compile == "auto" else {}
+        elif compile == "auto" or len(attentions) > 1:
+            decision.step_seconds = measure(steps, 2)
+        # The attention kernel, at the chosen math, eager.
+        if len(attentions) > 1:
+            round_steps = {candidate_name(m, a): step_fn(model, m, a)
+                           for m, a in dict.fromkeys([("fp32", "sdpa"), (decision.math, "sdpa"),
+                                                      (decision.math, "eager")])}
+            round_steps[candidate_name(decision.math, "eager")]()  # warm-up
+            decision.attention_round = measure(round_steps, repeats)
+            sdpa, written = (candidate_name(decision.math, a) for a in ("sdpa", "eager"))
+            better = pick({sdpa: decision.attention_round[sdpa], written: decision.attention_round[written]}, sdpa)
+            decision.attention = "eager" if better == written else "sdpa"
         if compile == "auto" and planned_steps:
             planned = decision.step_seconds[decision.math] * compile_batch / batch * planned_steps
             planned = min(planned, max_seconds) if max_seconds else planned
@@ -204,25 +265,35 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
                 decision.notes.append(f"compile not tried: about {planned:.0f} s of training cannot pay back "
                                       f"compiling (under {COMPILE_PAYS_AFTER:.0f} s)")
         if compile != "off":
-            compiled, seconds, error = try_compile(model, compile_batch, block, vocab, device, decision.math)
-            decision.compile_seconds = seconds
-            if error:
-                if compile == "on":
-                    raise RuntimeError(f"compile=on: torch.compile failed: {error}") from None
-                decision.notes.append(f"compile failed ({error}): eager")
-            elif compile == "on":
-                decision.compile = True
-            else:
+            # Compiled, each attention kernel again: the eager ranking does not carry over, since a compiled
+            # written-out attention fuses its mask and softmax, which SDPA's own kernel cannot gain.
+            compiled = {}
+            for attn in attentions:
+                set_attention(model, attn)
+                model_compiled, seconds, error = try_compile(model, compile_batch, block, vocab, device, decision.math)
+                decision.compile_seconds += seconds
+                if error:
+                    if compile == "on":
+                        raise RuntimeError(f"compile=on: torch.compile failed: {error}") from None
+                    decision.notes.append(f"compile failed ({error}): eager")
+                    break
+                compiled[candidate_name(decision.math, attn, compiled=True)] = (model_compiled, attn)
+            if compile == "on" and len(compiled) == 1:
+                decision.compile, decision.attention = True, attentions[0]
+            elif compiled:
                 # A round of its own, with fp32 eager beside it: every ratio is from one round.
-                round_steps = {m: training_step_fn(model, compile_batch, block, vocab, device, m)
-                               for m in dict.fromkeys(["fp32", decision.math])}
-                name = decision.math + "+compile"
-                round_steps[name] = training_step_fn(compiled, compile_batch, block, vocab, device, decision.math)
+                round_steps = {candidate_name(m, a): step_fn(model, m, a, compile_batch)
+                               for m, a in dict.fromkeys([("fp32", "sdpa"), (decision.math, decision.attention)])}
+                for name, (model_compiled, attn) in compiled.items():
+                    round_steps[name] = step_fn(model_compiled, decision.math, attn, compile_batch)
                 decision.compile_round = measure(round_steps, repeats)
-                baseline = min((decision.compile_round[m] for m in round_steps if m != name))
-                decision.compile = decision.compile_round[name] < (1 - MARGIN) * baseline
+                best = min(compiled, key=decision.compile_round.get)
+                baseline = min(decision.compile_round[m] for m in round_steps if m not in compiled)
+                if compile == "on" or decision.compile_round[best] < (1 - MARGIN) * baseline:
+                    decision.compile, decision.attention = True, compiled[best][1]
     finally:
         set_matmul_math(decision.math)
+        set_attention(model, decision.attention)
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     return decision

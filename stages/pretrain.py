@@ -234,7 +234,8 @@ def decide_speed(config, state, model, micro, vocab, accelerator) -> SpeedDecisi
     # compile is tried at the real micro-batch: the training loop then reuses that compiled graph.
     decision = [choose_speed(model, min(micro, config.speed_batch), config.block_size, vocab, accelerator.device,
                              config.dtype, config.compile, compile_batch=micro,
-                             planned_steps=config.max_steps * config.grad_accum, max_seconds=config.max_time)
+                             planned_steps=config.max_steps * config.grad_accum, max_seconds=config.max_time,
+                             attention=config.attention)
                 if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(decision)

@@ -255,3 +255,43 @@ def test_kv_cache_prefill_in_chunks_matches_whole():
     first = m(x[:, :6], cache=cache, use_cache=True).logits
     second = m(x[:, 6:], cache=cache, use_cache=True).logits
     assert torch.allclose(torch.cat([first, second], 1), m(x).logits, atol=1e-5)
+
+
+def test_written_out_attention_gives_sdpas_logits_and_gradients_in_every_mask_case():
+    """attn_implementation="eager" (model.explicit_attention) must compute what SDPA computes: plain causal,
+    left padding, packed sequences, a chunk after a cache and one cached token; and the same gradients."""
+    sdpa, written = context_bound_model(), context_bound_model()
+    written.config = copy.deepcopy(written.config)  # not the module-level CONFIG the other model shares
+    for module in written.modules():
+        if hasattr(module, "config"):
+            module.config = written.config
+    written.config._attn_implementation = "eager"
+    assert sdpa.config._attn_implementation == "sdpa"
+    x = torch.randint(1, 97, (2, 9))
+    mask = (torch.arange(9) >= torch.tensor([[0], [4]])).long()
+    packed, positions = x[:1], torch.cat([torch.arange(5), torch.arange(4)])[None]
+    for kwargs in (dict(input_ids=x), dict(input_ids=x, attention_mask=mask),
+                   dict(input_ids=packed, position_ids=positions)):
+        assert torch.allclose(sdpa(**kwargs).logits, written(**kwargs).logits, atol=1e-4), kwargs
+    for m in (sdpa, written):  # a chunk of four after a cache of five, then one token
+        cache = KVCache(CONFIG, 2, 10, "cpu", torch.float32)
+        m(x[:, :5], cache=cache, use_cache=True)
+        m.chunk = m(x[:, 5:], cache=cache, use_cache=True).logits
+        m.last = m(x[:, :1], cache=cache, use_cache=True).logits
+    assert torch.allclose(sdpa.chunk, written.chunk, atol=1e-4) and torch.allclose(sdpa.last, written.last, atol=1e-4)
+    for m in (sdpa.train(), written.train()):
+        m(input_ids=x, attention_mask=mask, labels=x).loss.backward()
+    for (name, a), b in zip(sdpa.named_parameters(), written.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-4), name
+
+
+def test_the_attention_choice_is_not_saved_with_the_model(tmp_path):
+    m = model()
+    m.config._attn_implementation = "eager"
+    m.save_pretrained(tmp_path)
+    m.config._attn_implementation = "sdpa"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config._attn_implementation == "sdpa"
+    asked = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    assert asked.config._attn_implementation == "eager"
+    x = torch.randint(1, 97, (2, 7))
+    assert torch.allclose(asked(x).logits, m(x).logits, atol=1e-5)

@@ -21,6 +21,7 @@ def tiny_model(seed=0):
 
 
 def choose(model, monkeypatch=None, **kwargs):
+    kwargs.setdefault("attention", "sdpa")  # the attention kernel's own tests ask for auto
     return speed.choose_speed(model, batch=2, block=BLOCK, vocab=VOCAB, device="cpu", **kwargs)
 
 
@@ -122,7 +123,7 @@ def test_compile_is_tried_and_timed_at_the_runs_own_micro_batch(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Recording(model))
     decision = speed.choose_speed(tiny_model(), batch=2, block=BLOCK, vocab=VOCAB, device="cpu", dtype="float32",
-                                  compile="auto", repeats=2, compile_batch=6)
+                                  compile="auto", repeats=2, compile_batch=6, attention="sdpa")
     assert seen and set(seen) == {6}
     assert set(decision.compile_round) == {"fp32", "fp32+compile"}
 
@@ -185,3 +186,38 @@ def test_pretraining_records_its_speed_decision(tiny_runs, tmp_path):
     assert metrics["speed"]["chosen"] in ("fp32", "bf16_autocast", "bf16_matmul")
     assert "fp32" in metrics["speed"]["step_seconds"] or not speed.bf16_supported("cpu")
     assert metrics["dtype"] == ("bfloat16" if metrics["speed"]["math"] == "bf16_autocast" else "float32")
+
+
+@pytest.mark.parametrize("written, expected", [(0.8, "eager"), (0.98, "sdpa"), (1.3, "sdpa")])
+def test_written_out_attention_is_chosen_only_when_measurably_faster(monkeypatch, written, expected):
+    timings = {"fp32": 1.0, "fp32+eager_attention": written}
+    monkeypatch.setattr(speed, "measure", lambda steps, repeats=5: {k: timings[k] for k in steps})
+    model = tiny_model()
+    decision = choose(model, dtype="float32", compile="off", attention="auto")
+    assert decision.attention == expected and model.config._attn_implementation == expected
+    assert set(decision.attention_round) == {"fp32", "fp32+eager_attention"}
+    assert decision.speedup() == pytest.approx(1.0 / written if expected == "eager" else 1.0, abs=1e-3)
+
+
+def test_compiled_both_attention_kernels_are_timed_and_the_faster_kept(monkeypatch):
+    """Eager, SDPA is as fast; compiled, the written-out attention fuses and wins: the compiled round decides."""
+    compiled_for = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compiled_for.append(
+        model.config._attn_implementation) or model)
+    timings = {"fp32": 1.0, "fp32+eager_attention": 1.0, "fp32+compile": 0.8, "fp32+eager_attention+compile": 0.6}
+    monkeypatch.setattr(speed, "measure", lambda steps, repeats=5: {k: timings[k] for k in steps})
+    model = tiny_model()
+    decision = choose(model, dtype="float32", compile="auto", attention="auto")
+    assert compiled_for == ["sdpa", "eager"]
+    assert set(decision.compile_round) == {"fp32", "fp32+compile", "fp32+eager_attention+compile"}
+    assert decision.name() == "fp32+eager_attention+compile" and decision.speedup() == pytest.approx(1 / 0.6, abs=1e-3)
+    assert model.config._attn_implementation == "eager"
+    timings["fp32+eager_attention+compile"] = 0.9  # now SDPA compiled is the faster
+    assert choose(tiny_model(), dtype="float32", compile="auto", attention="auto").name() == "fp32+compile"
+    fixed = choose(tiny_model(), dtype="float32", compile="auto", attention="sdpa")  # an explicit kernel: one compile
+    assert fixed.attention == "sdpa" and compiled_for[-1] == "sdpa" and len(compiled_for) == 5
+
+
+def test_an_unknown_attention_kernel_is_refused():
+    with pytest.raises(ValueError, match="attention='flash'"):
+        choose(tiny_model(), dtype="float32", compile="off", attention="flash")
