@@ -81,12 +81,12 @@ class SpeedDecision:
 
     def describe(self) -> str:
         times = ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in self.step_seconds.items())
-        extra = ""
-        for later, before in ((self.attention_round, ""), (self.compile_round, "compile")):
-            if before and self.compile_seconds:
-                extra += f"; compile took {self.compile_seconds:.1f}s"
-            if later:
-                extra += "; then " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in later.items())
+        def then(rounds):
+            return "; then " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in rounds.items()) if rounds else ""
+
+        extra = then(self.attention_round)
+        extra += f"; compile took {self.compile_seconds:.1f}s" if self.compile_seconds else ""
+        extra += then(self.compile_round)
         notes = f"; {'; '.join(self.notes)}" if self.notes else ""
         return f"speed: chose {self.name()} ({self.speedup():.2f}x fp32 eager) from {times or 'no measurement'}{extra}{notes}"
 
@@ -140,8 +140,7 @@ def candidate_name(math: str, attention: str = "sdpa", compiled: bool = False) -
 def set_attention(model, attention: str) -> None:
     """Point the model at an attention kernel: Transformers' `config._attn_implementation`, which our
     attention (and GPT-2's) reads at every call. Not saved with the model: a checkpoint loads as SDPA."""
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention={attention!r}: expected auto or one of {', '.join(ATTENTIONS)}")
+    check_attention(attention)
     from transformers import PretrainedConfig
 
     for module in model.modules():  # through any wrapper: DDP, torch.compile, PEFT
@@ -150,11 +149,15 @@ def set_attention(model, attention: str) -> None:
             config._attn_implementation = attention
 
 
+def check_attention(attention: str) -> None:
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r}: expected auto or one of {', '.join(ATTENTIONS)}")
+
+
 def candidate_attentions(attention: str) -> list[str]:
     if attention == "auto":
         return list(ATTENTIONS)
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention={attention!r}: expected auto or one of {', '.join(ATTENTIONS)}")
+    check_attention(attention)
     return [attention]
 
 
