@@ -178,6 +178,9 @@ class RewardConfig:
     max_time: float = 0.0
     sources: str = "judge"  # judge | human | both
     confidence: bool = True  # add the SFT model's confidence in the response, weighted by the rankings
+    # fit the confidence's weights first and train the head on top of its score, so the head learns what the
+    # confidence does not say; false: train the head alone and fit all the weights after it
+    residual: bool = True
     # scalar: a score head read on the response's <|end|>; verifier: the generative verifier's form, the head read
     # after a check question and started as the LM's logit("Yes") − logit("No") (minigpt/reward_model.py)
     head: str = "scalar"

@@ -13,11 +13,13 @@ short, ends cleanly) but hardly learns to check a sum, a fact or a passage; the 
 check them sits in the language model's next-token predictions. Where a sampled answer says "6
 take away 0 leaves 5", the SFT model gave the "6" a low probability. So the reward is
 
-    r = w_head · head(response) + w_confidence · mean log π_SFT(response tokens, its end included)
+    r = w_head · head(response) + w_mean · mean log π_SFT(response tokens) + w_min · min log π_SFT(response tokens)
 
-with the two weights fitted on the training rankings by the same pairwise loss (`fit_pairwise_weights`),
-after the head is trained: the rankings alone decide how much the confidence counts (zero if it does
-not help). It reads the reward from the model's own next-token probabilities, as generative verifiers
+(the response's tokens with its end included). The mean says how typical the whole answer is; the
+minimum is its weakest token, where a wrong digit or name sits, diluted in the mean over a dozen
+tokens of well-known phrasing. The weights are fitted on the training rankings by the same pairwise
+loss (`fit_pairwise_weights`): the rankings alone decide how much each counts (zero if it does not
+help). It reads the reward from the model's own next-token probabilities, as generative verifiers
 do (Zhang et al. 2024), without a question-and-answer format the small model never saw.
 
 `head=verifier` is the generative verifier itself, for comparison (Zhang et al. 2024): the reward model
@@ -38,6 +40,9 @@ from trl import RewardTrainer
 from minigpt.ranking import ranking_loss, ranking_pairs
 from minigpt.sampling import batches_by_length, left_pad
 
+
+# The SFT model's confidence in a response, from its tokens' log-probabilities: their mean and their minimum
+CONFIDENCE_FEATURES = ("mean", "min")
 
 # The generative verifier's question and the two answers whose logits it compares (head=verifier)
 CHECK_QUESTION = "Is that answer right?"
@@ -63,15 +68,20 @@ def init_verifier_head(classifier, language_model, tokenizer) -> None:
         classifier.score.weight.copy_((head[yes] - head[no])[None].to(classifier.score.weight.dtype))
 
 
-def encode_rankings(tokenizer, rankings: list[dict], max_length: int, verifier: bool = False) -> list[dict]:
-    """Ranking records → rows of {responses_ids (K lists), ranks}; prompts without a comparison dropped."""
+def encode_rankings(tokenizer, rankings: list[dict], max_length: int, verifier: bool = False,
+                    offsets: list[list[float]] | None = None) -> list[dict]:
+    """Ranking records → rows of {responses_ids (K lists), ranks, offsets}; prompts without a comparison dropped.
+
+    `offsets` (one list of K per record) are added to the head's scores in the loss: with the confidence's
+    scores there, the head learns what the confidence does not already say. Zero by default."""
     rows = []
-    for record in rankings:
+    for n, record in enumerate(rankings):
         if not ranking_pairs(record["ranks"]):
             continue  # all tied: nothing to learn from
         rows.append({"responses_ids": [encode_response(tokenizer, record["prompt"], r, max_length, verifier)
                                        for r in record["responses"]],
-                     "ranks": list(record["ranks"])})
+                     "ranks": list(record["ranks"]),
+                     "offsets": list(offsets[n]) if offsets is not None else [0.0] * len(record["responses"])})
     return rows
 
 
@@ -82,10 +92,11 @@ class RankingCollator:
     pad_token_id: int
 
     def __call__(self, rows: list[dict]) -> dict:
-        sequences, better, worse = [], [], []
+        sequences, better, worse, offsets = [], [], [], []
         for row in rows:
             offset = len(sequences)
             sequences.extend(row["responses_ids"])
+            offsets.extend(row.get("offsets") or [0.0] * len(row["responses_ids"]))
             for i, j in ranking_pairs(row["ranks"]):
                 better.append(offset + i)
                 worse.append(offset + j)
@@ -96,7 +107,8 @@ class RankingCollator:
             input_ids[k, :len(s)] = torch.tensor(s)
             attention_mask[k, :len(s)] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "better": torch.tensor(better, dtype=torch.long), "worse": torch.tensor(worse, dtype=torch.long)}
+                "better": torch.tensor(better, dtype=torch.long), "worse": torch.tensor(worse, dtype=torch.long),
+                "offsets": torch.tensor(offsets, dtype=torch.float32)}
 
 
 class RankingRewardTrainer(RewardTrainer):
@@ -107,12 +119,13 @@ class RankingRewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["responses_ids", "ranks"]
+            self._signature_columns = ["responses_ids", "ranks", "offsets"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        rewards = outputs.logits.squeeze(-1)  # (n_responses,)
+        # the head's score plus the row's fixed offset (the confidence's score, when the head learns on top of it)
+        rewards = outputs.logits.squeeze(-1) + inputs["offsets"].to(outputs.logits.dtype)  # (n_responses,)
         better, worse = inputs["better"], inputs["worse"]
         loss = ranking_loss(rewards, better, worse)
         with torch.no_grad():
@@ -125,10 +138,10 @@ class RankingRewardTrainer(RewardTrainer):
 
 
 def in_given_order(batches: list[list[int]], values: list[torch.Tensor]) -> torch.Tensor:
-    """Per-batch results put back in the order of the inputs."""
+    """Per-batch results (rows of each batch first) put back in the order of the inputs."""
     if not batches:
         return torch.zeros(0)
-    out = torch.empty(sum(len(b) for b in batches))
+    out = torch.empty(sum(len(b) for b in batches), *values[0].shape[1:])
     out[torch.tensor([i for b in batches for i in b])] = torch.cat(values).cpu()
     return out
 
@@ -150,7 +163,8 @@ def score_conversations(reward_model, tokenizer, prompts: list[list[dict]], resp
 @torch.no_grad()
 def response_confidence(language_model, tokenizer, prompts: list[list[dict]], responses: list[str],
                         max_length: int = 256, batch_size: int = 64) -> torch.Tensor:
-    """Mean log-probability (n,) that `language_model` gives each response's tokens, its <|end|> included."""
+    """The confidence features (n, 2) of `language_model` in each response (CONFIDENCE_FEATURES): the mean and
+    the minimum log-probability of the response's tokens, its <|end|> included."""
     device = next(language_model.parameters()).device
     rows = []
     for prompt, response in zip(prompts, responses):
@@ -164,21 +178,23 @@ def response_confidence(language_model, tokenizer, prompts: list[list[dict]], re
         width = max(len(ids) for ids, _ in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        scored = torch.zeros((len(chunk), width - 1))
+        scored = torch.zeros((len(chunk), width - 1), dtype=torch.bool)
         for k, (ids, n) in enumerate(chunk):  # right padding; the response is the last n tokens
             input_ids[k, :len(ids)] = torch.tensor(ids)
             attention_mask[k, :len(ids)] = 1
-            scored[k, len(ids) - 1 - n:len(ids) - 1] = 1
+            scored[k, len(ids) - 1 - n:len(ids) - 1] = True
         input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
         logits = language_model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        out.append((logp * scored).sum(1) / scored.sum(1).clamp_min(1))
+        mean = logp.where(scored, 0.0).sum(1) / scored.sum(1).clamp_min(1)
+        weakest = logp.where(scored, torch.inf).amin(1)
+        out.append(torch.stack([mean, weakest], 1))
     return in_given_order(batches, out)
 
 
 @dataclass
 class RewardScorer:
-    """The reward as every stage reads it: w_head · head + w_confidence · SFT confidence (see the module
+    """The reward as every stage reads it: w_head · head + w · the SFT confidence features (see the module
     docstring), normalised as (raw − mean)/std with the reward stage's statistics over the SFT samples,
     so 0 is a typical SFT answer and 1 is one standard deviation better: the scale PPO optimises."""
 
@@ -186,20 +202,20 @@ class RewardScorer:
     tokenizer: object
     mean: float = 0.0
     std: float = 1.0
-    confidence_model: torch.nn.Module | None = None  # the SFT language model; needed when confidence_weight ≠ 0
+    confidence_model: torch.nn.Module | None = None  # the SFT language model; needed when a confidence weight ≠ 0
     head_weight: float = 1.0
-    confidence_weight: float = 0.0
+    confidence_weights: tuple = (0.0, 0.0)  # one per CONFIDENCE_FEATURES
     max_length: int = 256
     verifier: bool = False  # the head reads the check question's position (head=verifier)
 
     def raw(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
         score = self.head_weight * score_conversations(self.model, self.tokenizer, prompts, responses,
                                                        self.max_length, verifier=self.verifier).cpu()
-        if self.confidence_weight:
+        if any(self.confidence_weights):
             if self.confidence_model is None:
-                raise ValueError("RewardScorer: confidence_weight is set but no confidence_model (the SFT model)")
-            score = score + self.confidence_weight * response_confidence(
-                self.confidence_model, self.tokenizer, prompts, responses, self.max_length)
+                raise ValueError("RewardScorer: a confidence weight is set but no confidence_model (the SFT model)")
+            features = response_confidence(self.confidence_model, self.tokenizer, prompts, responses, self.max_length)
+            score = score + features @ torch.tensor(self.confidence_weights, dtype=features.dtype)
         return score
 
     def normalised(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
@@ -231,8 +247,9 @@ def load_reward_scorer(folder: Path, device=None, confidence_model=None) -> "Rew
         return None
     manifest = read_manifest(folder)
     stats = manifest.get("metrics") or {}
-    confidence_weight = stats.get("confidence_weight", 0.0) or 0.0
-    if confidence_weight and confidence_model is None:
+    # saved before the minimum was a feature: one weight, the mean's
+    weights = tuple(stats.get("confidence_weights") or (stats.get("confidence_weight", 0.0) or 0.0, 0.0))
+    if any(weights) and confidence_model is None:
         parent = Path(manifest.get("parent", ""))
         if not (parent / "config.json").exists():
             parent = folder.parent / "sft"
@@ -244,6 +261,6 @@ def load_reward_scorer(folder: Path, device=None, confidence_model=None) -> "Rew
         confidence_model = confidence_model.eval().requires_grad_(False)
     scorer = RewardScorer(load_sequence_classifier(folder).eval().requires_grad_(False), Tokenizer.load(folder),
                           stats.get("reward_mean", 0.0), stats.get("reward_std", 1.0) or 1.0,
-                          confidence_model if confidence_weight else None, stats.get("head_weight", 1.0),
-                          confidence_weight, stats.get("max_length", 256), stats.get("head") == "verifier")
+                          confidence_model if any(weights) else None, stats.get("head_weight", 1.0),
+                          weights, stats.get("max_length", 256), stats.get("head") == "verifier")
     return scorer.to(device) if device is not None else scorer

@@ -23,8 +23,8 @@ from minigpt.data import DataError, load_rankings
 from minigpt.evaluation import best_of_n, eval_records
 from minigpt.judge import has_judge_records
 from minigpt.ranking import fit_pairwise_weights, ranking_metrics, ranking_pairs, split_by_prompt
-from minigpt.reward_model import (RankingCollator, RankingRewardTrainer, RewardScorer, encode_rankings,
-                                  init_verifier_head, response_confidence, score_conversations)
+from minigpt.reward_model import (CONFIDENCE_FEATURES, RankingCollator, RankingRewardTrainer, RewardScorer,
+                                  encode_rankings, init_verifier_head, response_confidence, score_conversations)
 from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
                          write_json_atomic)
 from minigpt.tokenizer import Tokenizer
@@ -71,13 +71,33 @@ def main():
         except DataError as error:
             raise SystemExit(f"error: {error}") from None
     train_rankings, val_rankings = split_by_prompt(rankings, config.val_fraction, seed=args.seed)
-    train_rows = encode_rankings(tokenizer, train_rankings, config.max_length, verifier)
-    val_rows = encode_rankings(tokenizer, val_rankings, config.max_length, verifier)
+    sft_model = load_causal_lm(parent).eval()  # the confidence term's model, and the verifier head's start
+
+    def confidence_of(records) -> list[list[list[float]]]:
+        """Per prompt, per response: the SFT model's confidence features (CONFIDENCE_FEATURES)."""
+        prompts = [r["prompt"] for r in records for _ in r["responses"]]
+        responses = [x for r in records for x in r["responses"]]
+        flat = response_confidence(sft_model, tokenizer, prompts, responses, config.max_length).tolist()
+        sizes = [len(r["responses"]) for r in records]
+        return [flat[sum(sizes[:n]):sum(sizes[:n + 1])] for n in range(len(records))]
+
+    # With `residual`, the confidence's weights are fitted first (on the training rankings) and the head learns on
+    # top of that score: it is trained on the pairs the confidence gets wrong, not on what the SFT model knows.
+    train_confidence, val_confidence = confidence_of(train_rankings), confidence_of(val_rankings)
+    residual = config.confidence and config.residual
+    confidence_weights = (fit_pairwise_weights([(c, r["ranks"]) for c, r in zip(train_confidence, train_rankings)])
+                          if residual else [0.0] * len(CONFIDENCE_FEATURES))
+
+    def offsets_of(confidence):
+        return [[sum(w * x for w, x in zip(confidence_weights, features)) for features in prompt]
+                for prompt in confidence]
+
+    train_rows = encode_rankings(tokenizer, train_rankings, config.max_length, verifier, offsets_of(train_confidence))
+    val_rows = encode_rankings(tokenizer, val_rankings, config.max_length, verifier, offsets_of(val_confidence))
     log.info("reward: %d prompts with rankings (%d train / %d held out)", len(rankings), len(train_rows), len(val_rows))
 
     model = load_sequence_classifier(parent)
     model.config.pad_token_id = tokenizer.pad_id
-    sft_model = load_causal_lm(parent).eval()  # the confidence term's model, and the verifier head's start
     if verifier:  # a resumed run's trainer then loads its trained head over this start
         init_verifier_head(model, sft_model, tokenizer)
     training_args = TRLRewardConfig(
@@ -102,26 +122,31 @@ def main():
     model = trainer.model.eval()
 
     # --- the reward: the trained head plus the SFT model's confidence, weighted by the rankings -------
-    def features_of(records):
-        """Per prompt: [(head, confidence) per response] and its ranks."""
+    def features_of(records, confidence=None):
+        """Per prompt: [(head, *confidence features) per response] and its ranks."""
         prompts = [r["prompt"] for r in records for _ in r["responses"]]
         responses = [x for r in records for x in r["responses"]]
         head = score_conversations(model, tokenizer, prompts, responses, config.max_length, verifier=verifier).tolist()
-        confidence = response_confidence(sft_model, tokenizer, prompts, responses, config.max_length).tolist()
-        groups, k = [], 0
-        for r in records:
-            n = len(r["responses"])
-            groups.append((list(zip(head[k:k + n], confidence[k:k + n])), r["ranks"]))
-            k += n
-        return groups
+        heads = iter(head)
+        return [([(next(heads), *features) for features in prompt], r["ranks"])
+                for prompt, r in zip(confidence or confidence_of(records), records)]
 
-    train_groups, val_groups = features_of(train_rankings), features_of(val_rankings)
-    head_weight, confidence_weight = (fit_pairwise_weights(train_groups) if config.confidence else (1.0, 0.0))
-    combined = lambda groups: [([head_weight * h + confidence_weight * c for h, c in features], ranks)  # noqa: E731
+    train_groups = features_of(train_rankings, train_confidence)
+    val_groups = features_of(val_rankings, val_confidence)
+    if residual:  # the head was trained to be added to the confidence's score as it is
+        head_weight = 1.0
+    elif config.confidence:
+        head_weight, *confidence_weights = fit_pairwise_weights(train_groups)
+    else:
+        head_weight = 1.0
+    weights = [head_weight, *confidence_weights]
+    combined = lambda groups: [([sum(w * x for w, x in zip(weights, response)) for response in features], ranks)  # noqa: E731
                                for features, ranks in groups]
     quality = ranking_metrics(combined(val_groups))
-    head_only = ranking_metrics([([h for h, _ in f], ranks) for f, ranks in val_groups])
-    confidence_only = ranking_metrics([([c for _, c in f], ranks) for f, ranks in val_groups])
+    head_only = ranking_metrics([([h for h, *_ in f], ranks) for f, ranks in val_groups])
+    confidence_fit = fit_pairwise_weights([([c for _, *c in f], ranks) for f, ranks in train_groups])
+    confidence_only = ranking_metrics([([sum(w * x for w, x in zip(confidence_fit, c)) for _, *c in f], ranks)
+                                       for f, ranks in val_groups])
     sft_samples = [r for r in rankings if str(r.get("policy", "")).rstrip("/").endswith("sft")] or rankings
     sft_groups = features_of(sft_samples)
     all_rewards = [x for scores, _ in combined(sft_groups) for x in scores]
@@ -130,14 +155,16 @@ def main():
              "kendall_tau": quality.kendall_tau, "reward_mean": statistics.fmean(all_rewards),
              "reward_std": statistics.pstdev(all_rewards) or 1.0, "val_prompts": quality.n_prompts,
              "val_pairs": quality.n_pairs, "train_prompts": len(train_rows),
-             "head_weight": head_weight, "confidence_weight": confidence_weight, "head": config.head,
-             "head_mean": statistics.fmean(h for f, _ in sft_groups for h, _ in f), "max_length": config.max_length,
+             "head_weight": head_weight, "confidence_weights": confidence_weights,
+             "confidence_features": list(CONFIDENCE_FEATURES), "residual": residual, "head": config.head,
+             "head_mean": statistics.fmean(h for f, _ in sft_groups for h, *_ in f), "max_length": config.max_length,
              "head_pairwise_accuracy": head_only.pairwise_accuracy,
              "confidence_pairwise_accuracy": confidence_only.pairwise_accuracy}
     log.info("reward model on held-out prompts (%d): pairwise accuracy %.3f (95%% CI %.3f to %.3f; head alone %.3f, "
-             "SFT confidence alone %.3f), top-1 %.3f, Kendall tau %.3f; reward = %.3f x head %+.3f x confidence",
+             "SFT confidence alone %.3f), top-1 %.3f, Kendall tau %.3f; reward = %.3f x head%s",
              quality.n_prompts, quality.pairwise_accuracy, *quality.pairwise_accuracy_ci, head_only.pairwise_accuracy,
-             confidence_only.pairwise_accuracy, quality.top1_accuracy, quality.kendall_tau, head_weight, confidence_weight)
+             confidence_only.pairwise_accuracy, quality.top1_accuracy, quality.kendall_tau, head_weight,
+             "".join(f" {w:+.3f} x {name} log-prob" for w, name in zip(confidence_weights, CONFIDENCE_FEATURES)))
     final["labelled_prompts"] = len(rankings)
     final["labelled_comparisons"] = sum(len(ranking_pairs(r["ranks"])) for r in rankings)
 
@@ -149,7 +176,7 @@ def main():
     eval_prompts = eval_records(eval_source, eval_config) if args.eval_data or eval_source.is_dir() else []
     if has_judge_records(eval_prompts):
         scorer = RewardScorer(model, tokenizer, final["reward_mean"], final["reward_std"], sft_model,
-                              head_weight, confidence_weight, config.max_length, verifier)
+                              head_weight, tuple(confidence_weights), config.max_length, verifier)
         best = best_of_n(sft_model, tokenizer, eval_prompts, scorer, eval_config)
         for n in eval_config.best_of_n_values:
             row = best[str(n)]

@@ -105,31 +105,89 @@ def test_reward_killed_after_a_periodic_save_resumes_to_the_uninterrupted_result
         assert abs(got[key] - expected[key]) < 1e-4 * max(1.0, abs(expected[key])), key
 
 
-def test_reward_combines_the_head_with_the_sft_confidence_by_fitted_weights(tiny_ppo):
+@pytest.mark.parametrize("residual", [True, False])
+def test_reward_combines_the_head_with_the_sft_confidence_by_fitted_weights(tiny_ppo, tmp_path, residual):
     import torch
 
     from minigpt.checkpoint import load_causal_lm
     from minigpt.data import load_prompts
-    from minigpt.reward_model import load_reward_scorer, response_confidence, score_conversations
+    from minigpt.reward_model import CONFIDENCE_FEATURES, load_reward_scorer, response_confidence, score_conversations
 
     run = tiny_ppo / "t"
-    metrics = json.loads((run / "reward" / "metrics.json").read_text())
-    for key in ("head_weight", "confidence_weight", "head_pairwise_accuracy", "confidence_pairwise_accuracy"):
+    folder = run / "reward"
+    if not residual:  # the default (residual) is the fixture's; the other way is trained here
+        folder = tmp_path / "reward_after"
+        run_stage("reward", tiny_ppo, "--out", str(folder), "residual=false")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    for key in ("head_weight", "confidence_weights", "head_pairwise_accuracy", "confidence_pairwise_accuracy"):
         assert key in metrics
-    scorer = load_reward_scorer(run / "reward")
-    assert (scorer.confidence_model is not None) == bool(metrics["confidence_weight"])
+    assert metrics["residual"] == residual and len(metrics["confidence_weights"]) == len(CONFIDENCE_FEATURES)
+    if residual:  # the head was trained to be added to the confidence's score as it is
+        assert metrics["head_weight"] == 1.0
+    scorer = load_reward_scorer(folder)
+    assert (scorer.confidence_model is not None) == any(metrics["confidence_weights"])
     records = load_prompts(run / "data", "eval")[:3]
     prompts = [r["messages"] for r in records]
     responses = ["The answer is four.", "Hello there friend.", "Mara lives in Oakfield."]
     sft = load_causal_lm(run / "sft").eval()
     head = score_conversations(scorer.model, scorer.tokenizer, prompts, responses)
     confidence = response_confidence(sft, scorer.tokenizer, prompts, responses)
-    expected = (metrics["head_weight"] * head + metrics["confidence_weight"] * confidence
+    expected = (metrics["head_weight"] * head + confidence @ torch.tensor(metrics["confidence_weights"])
                 - metrics["reward_mean"]) / metrics["reward_std"]
     assert torch.allclose(torch.tensor(scorer(records, responses)), expected, atol=1e-4)
 
 
-def test_confidence_is_the_mean_log_probability_of_the_response_and_its_end(tiny_sft):
+def test_a_reward_model_saved_with_one_confidence_weight_still_loads(tiny_ppo, tmp_path):
+    import shutil
+
+    from minigpt.reward_model import load_reward_scorer
+
+    folder = tmp_path / "reward"
+    shutil.copytree(tiny_ppo / "t" / "reward", folder)
+    for name in ("manifest.json", "metrics.json"):
+        data = json.loads((folder / name).read_text())
+        stats = data["metrics"] if name == "manifest.json" else data
+        del stats["confidence_weights"]
+        stats["confidence_weight"] = 0.5  # the mean's weight, before the minimum was a feature
+        (folder / name).write_text(json.dumps(data))
+    scorer = load_reward_scorer(folder, confidence_model=None)
+    assert scorer.confidence_weights == (0.5, 0.0) and scorer.confidence_model is not None
+
+
+def test_the_ranking_loss_adds_each_responses_offset_to_the_heads_score():
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from minigpt.reward_model import RankingCollator, RankingRewardTrainer, encode_rankings
+
+    class ConstantHead(torch.nn.Module):
+        training = True
+
+        def forward(self, input_ids, attention_mask, use_cache=False):
+            return SimpleNamespace(logits=torch.zeros(len(input_ids), 1))
+
+    class Ids:
+        pad_id = 0
+
+        def encode_chat(self, messages, add_generation_prompt=False):
+            return [1] + [2] * len(messages[-1]["content"]), None
+
+    records = [{"prompt": [{"role": "user", "content": "q"}], "responses": ["a", "b"], "ranks": [0, 0]},  # all tied
+               {"prompt": [{"role": "user", "content": "q"}], "responses": ["a", "bb"], "ranks": [0, 1]}]
+    rows = encode_rankings(Ids(), records, 16, offsets=[[9.0, -9.0], [2.0, -3.0]])
+    assert [row["offsets"] for row in rows] == [[2.0, -3.0]]  # the tied prompt is dropped with its offsets
+    trainer = SimpleNamespace(model=ConstantHead(), _metrics={"train": {"accuracy": [], "margin": [], "mean_reward": []}},
+                              accelerator=SimpleNamespace(gather_for_metrics=lambda x: x))
+    loss = RankingRewardTrainer.compute_loss(trainer, trainer.model, RankingCollator(0)(rows))
+    assert math.isclose(loss.item(), -math.log(1 / (1 + math.exp(-5.0))), rel_tol=1e-5)  # −log σ(2 − (−3))
+    rows[0]["offsets"] = [0.0, 0.0]
+    assert math.isclose(RankingRewardTrainer.compute_loss(trainer, trainer.model, RankingCollator(0)(rows)).item(),
+                        math.log(2), rel_tol=1e-5)
+
+
+def test_confidence_is_the_mean_and_the_least_log_probability_of_the_response_and_its_end(tiny_sft):
     import torch
 
     from minigpt.checkpoint import load_causal_lm
@@ -142,9 +200,11 @@ def test_confidence_is_the_mean_log_probability_of_the_response_and_its_end(tiny
     n = len(tokenizer.encode(response)) + 1
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
-    by_hand = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][-n:].mean()
+    by_hand = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])][-n:]
     batch = response_confidence(model, tokenizer, [prompt, prompt], [response, "No."])  # padding must not matter
-    assert torch.allclose(batch[0], by_hand, atol=1e-5) and batch[1] != batch[0]
+    assert batch.shape == (2, 2)
+    assert torch.allclose(batch[0], torch.stack([by_hand.mean(), by_hand.min()]), atol=1e-5)
+    assert not torch.equal(batch[1], batch[0])
 
 
 def test_scores_batched_by_length_come_back_in_the_order_of_the_inputs(tiny_ppo):
@@ -253,8 +313,8 @@ def test_reward_with_the_verifier_head_is_read_the_same_way_by_every_stage(tiny_
     assert not torch.allclose(head, score_conversations(scorer.model, scorer.tokenizer, prompts, responses))
     raw = metrics["head_weight"] * head
     if scorer.confidence_model is not None:
-        raw = raw + metrics["confidence_weight"] * response_confidence(scorer.confidence_model, scorer.tokenizer,
-                                                                       prompts, responses)
+        raw = raw + response_confidence(scorer.confidence_model, scorer.tokenizer, prompts, responses) @ torch.tensor(
+            metrics["confidence_weights"])
     expected = (raw - metrics["reward_mean"]) / metrics["reward_std"]
     assert torch.allclose(torch.tensor(scorer(records, responses)), expected, atol=1e-4)
 
