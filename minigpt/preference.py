@@ -243,12 +243,17 @@ def rejection_sample(model, tokenizer, records: list[dict], scorer: RewardScorer
                       progress="rejection sampling")
     answers = out.responses
     scores = scorer(asked, answers)
-    picks = best_of_each(scores, [ended and bool(a) for ended, a in zip(out.finished, answers)], k)
+    usable = [ended and bool(a) for ended, a in zip(out.finished, answers)]
+    picks = best_of_each(scores, usable, k)
     dialogues = [{"messages": [*record["messages"], {"role": "assistant", "content": answers[i]}],
                   "reward": scores[i]} for record, i in zip(records, picks) if i is not None]
+    # what the pick chose among: per prompt with a kept answer, the mean reward of its usable answers
+    usable_means = [statistics.fmean(scores[j] for j in range(n * k, (n + 1) * k) if usable[j])
+                    for n, i in enumerate(picks) if i is not None]
     stats = {"prompts": len(records), "answers": len(answers), "kept": len(dialogues),
              "finished_fraction": sum(out.finished) / max(1, len(answers)),
              "reward_mean": statistics.fmean(scores) if scores else None,
+             "reward_usable_mean": statistics.fmean(usable_means) if usable_means else None,
              "reward_kept_mean": statistics.fmean(d["reward"] for d in dialogues) if dialogues else None}
     return dialogues, stats
 

@@ -60,8 +60,9 @@ def main():
         write_text_atomic(answers_file, "".join(json.dumps(d) + "\n" for d in dialogues))
         write_json_atomic(out / "sampling.json", {**stats, "seconds": round(time.time() - started, 1)})
         log.info("rsft: kept %d of %d prompts' best answers (%.0f%% of answers ended); reward %+.3f over all "
-                 "answers, %+.3f over the kept", stats["kept"], stats["prompts"], 100 * stats["finished_fraction"],
-                 stats["reward_mean"], stats["reward_kept_mean"] or 0.0)
+                 "answers, %+.3f over those that ended, %+.3f over the kept", stats["kept"], stats["prompts"],
+                 100 * stats["finished_fraction"], stats["reward_mean"], stats["reward_usable_mean"] or 0.0,
+                 stats["reward_kept_mean"] or 0.0)
         del sft
     state.wait_for_everyone()
     dialogues = [json.loads(line) for line in answers_file.read_text().splitlines()]
@@ -94,6 +95,7 @@ def main():
     curve = metrics.read()
     final = {**comparison, "kept_answers": len(dialogues), "sampled_answers": sampling["answers"],
              "sample_reward_mean": sampling["reward_mean"], "kept_reward_mean": sampling["reward_kept_mean"],
+             "usable_reward_mean": sampling.get("reward_usable_mean"),
              "sft_val_loss_before": val_loss_before, "sft_val_loss_after": val_loss_after,
              "steps": trainer.state.global_step, "sampling_time_sec": round(sampling_seconds, 1),
              "train_time_sec": round(train_time, 1)}

@@ -101,13 +101,14 @@ def test_tiny_rsft_learns_the_reward_models_best_answers_and_names_sft_and_the_r
     for key in ("gold_before", "gold_after", "kl", "reward_before", "reward_after", "kept_reward_mean",
                 "sample_reward_mean", "sft_val_loss_before", "sft_val_loss_after", "train_time_sec"):
         assert isinstance(metrics[key], float), key
-    # one answer per prompt at most, each the best of k: above the mean of all k answers
+    # one answer per prompt at most, each the best of its k answers that ended: not below their mean (equal where a
+    # prompt has one such answer; an unfinished answer is never kept, so the mean over all k answers is no bound)
     kept = [json.loads(line) for line in (out / "best_answers.jsonl").read_text().splitlines()]
     prompts = load_prompts(run / "data", "ppo")
     assert 0 < len(kept) == metrics["kept_answers"] <= len(prompts)
     assert len({json.dumps(d["messages"][:-1]) for d in kept}) == len(kept)
     assert all(d["messages"][-1]["role"] == "assistant" and d["messages"][-1]["content"] for d in kept)
-    assert metrics["kept_reward_mean"] > metrics["sample_reward_mean"]
+    assert metrics["kept_reward_mean"] >= metrics["usable_reward_mean"] - 1e-9
     # the saved model gives its kept answers more probability than the SFT model did
     tokenizer = Tokenizer.load(out)
     rsft, sft = load_causal_lm(out), load_causal_lm(run / "sft")
