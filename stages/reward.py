@@ -77,9 +77,11 @@ def main():
         """Per prompt, per response: the SFT model's confidence features (CONFIDENCE_FEATURES)."""
         prompts = [r["prompt"] for r in records for _ in r["responses"]]
         responses = [x for r in records for x in r["responses"]]
-        flat = response_confidence(sft_model, tokenizer, prompts, responses, config.max_length).tolist()
-        sizes = [len(r["responses"]) for r in records]
-        return [flat[sum(sizes[:n]):sum(sizes[:n + 1])] for n in range(len(records))]
+        flat = iter(response_confidence(sft_model, tokenizer, prompts, responses, config.max_length).tolist())
+        return [[next(flat) for _ in r["responses"]] for r in records]
+
+    def weighted(weights, features) -> float:
+        return sum(w * x for w, x in zip(weights, features))
 
     # With `residual`, the confidence's weights are fitted first (on the training rankings) and the head learns on
     # top of that score: it is trained on the pairs the confidence gets wrong, not on what the SFT model knows.
@@ -89,8 +91,7 @@ def main():
                           if residual else [0.0] * len(CONFIDENCE_FEATURES))
 
     def offsets_of(confidence):
-        return [[sum(w * x for w, x in zip(confidence_weights, features)) for features in prompt]
-                for prompt in confidence]
+        return [[weighted(confidence_weights, features) for features in prompt] for prompt in confidence]
 
     train_rows = encode_rankings(tokenizer, train_rankings, config.max_length, verifier, offsets_of(train_confidence))
     val_rows = encode_rankings(tokenizer, val_rankings, config.max_length, verifier, offsets_of(val_confidence))
@@ -122,33 +123,32 @@ def main():
     model = trainer.model.eval()
 
     # --- the reward: the trained head plus the SFT model's confidence, weighted by the rankings -------
-    def features_of(records, confidence=None):
+    def features_of(records, confidence):
         """Per prompt: [(head, *confidence features) per response] and its ranks."""
         prompts = [r["prompt"] for r in records for _ in r["responses"]]
         responses = [x for r in records for x in r["responses"]]
-        head = score_conversations(model, tokenizer, prompts, responses, config.max_length, verifier=verifier).tolist()
-        heads = iter(head)
+        heads = iter(score_conversations(model, tokenizer, prompts, responses, config.max_length,
+                                         verifier=verifier).tolist())
         return [([(next(heads), *features) for features in prompt], r["ranks"])
-                for prompt, r in zip(confidence or confidence_of(records), records)]
+                for prompt, r in zip(confidence, records)]
 
     train_groups = features_of(train_rankings, train_confidence)
     val_groups = features_of(val_rankings, val_confidence)
-    if residual:  # the head was trained to be added to the confidence's score as it is
-        head_weight = 1.0
-    elif config.confidence:
+    head_weight = 1.0  # with `residual`, the head was trained to be added to the confidence's score as it is
+    if config.confidence and not residual:
         head_weight, *confidence_weights = fit_pairwise_weights(train_groups)
-    else:
-        head_weight = 1.0
     weights = [head_weight, *confidence_weights]
-    combined = lambda groups: [([sum(w * x for w, x in zip(weights, response)) for response in features], ranks)  # noqa: E731
+    combined = lambda groups: [([weighted(weights, response) for response in features], ranks)  # noqa: E731
                                for features, ranks in groups]
     quality = ranking_metrics(combined(val_groups))
     head_only = ranking_metrics([([h for h, *_ in f], ranks) for f, ranks in val_groups])
     confidence_fit = fit_pairwise_weights([([c for _, *c in f], ranks) for f, ranks in train_groups])
-    confidence_only = ranking_metrics([([sum(w * x for w, x in zip(confidence_fit, c)) for _, *c in f], ranks)
+    confidence_only = ranking_metrics([([weighted(confidence_fit, c) for _, *c in f], ranks)
                                        for f, ranks in val_groups])
+    # the SFT model's samples are among the rankings just scored (split into train and held out): reuse their features
+    group_of = {id(r): g for r, g in zip(train_rankings + val_rankings, train_groups + val_groups)}
     sft_samples = [r for r in rankings if str(r.get("policy", "")).rstrip("/").endswith("sft")] or rankings
-    sft_groups = features_of(sft_samples)
+    sft_groups = [group_of[id(r)] for r in sft_samples]
     all_rewards = [x for scores, _ in combined(sft_groups) for x in scores]
     final = {"pairwise_accuracy": quality.pairwise_accuracy, "pairwise_accuracy_ci": quality.pairwise_accuracy_ci,
              "top1_accuracy": quality.top1_accuracy,
