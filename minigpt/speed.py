@@ -15,6 +15,7 @@ Anything that fails (no bf16, a compiler error) falls back to fp32 eager.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import statistics
 import time
@@ -178,15 +179,28 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def training_step_fn(model, batch: int, block: int, vocab: int, device, math: str):
-    """One forward+backward on random tokens of the run's shape; gradients are dropped, weights untouched."""
+def training_step_fn(model, batch: int, block: int, vocab: int, device, math: str, layouts=None):
+    """One forward+backward on random tokens of the run's shape; gradients are dropped, weights untouched.
+
+    `layouts`: rows that pack sequences end to end, position ids restarting at each, as padding-free SFT batches
+    do: a list of layouts, each the lengths of one row's sequences (`block` is then unused). Call i trains on
+    layouts[i % len(layouts)], so the row length changes from step to step as it does in such a stage: on a CPU,
+    oneDNN builds its bf16 kernels per shape, and a new shape every step made bf16 autocast slower than fp32 on
+    the Xeon with AMX although it was faster at any one fixed shape.
+    """
     # Its own generator: measuring must not move the run's random stream.
-    x = torch.randint(0, vocab, (batch, block + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    generator = torch.Generator().manual_seed(0)
+    rows = [(block, None)] if not layouts else [(sum(lengths), torch.cat([torch.arange(n) for n in lengths]))
+                                                for lengths in layouts]
+    data = [(torch.randint(0, vocab, (batch, n + 1), generator=generator).to(device),
+             None if positions is None else positions.expand(batch, -1).to(device)) for n, positions in rows]
+    calls = itertools.count()
 
     def step():
+        x, positions = data[next(calls) % len(data)]
         set_matmul_math(math)
         with autocast_for(math, device):
-            logits = model(input_ids=x[:, :-1]).logits
+            logits = model(input_ids=x[:, :-1], position_ids=positions).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
         loss.backward()
         model.zero_grad(set_to_none=True)
@@ -210,7 +224,7 @@ def measure(steps: dict, repeats: int = 5, min_seconds: float = 0.0) -> dict:
 
 def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str = "auto", compile="auto",
                  repeats: int = 5, compile_batch: int | None = None, planned_steps: int = 0,
-                 max_seconds: float = 0.0, attention: str = "auto") -> SpeedDecision:
+                 max_seconds: float = 0.0, attention: str = "auto", layouts=None) -> SpeedDecision:
     """Time the candidate settings on `model` itself and return the fastest that beats fp32 eager.
 
     Three rounds, each interleaved and each with its own baseline: the math (fp32, bf16 autocast, bf16
@@ -222,6 +236,7 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
     another one for a new shape (a second shape also makes torch.compile fall back to shape-generic kernels).
     `planned_steps` / `max_seconds` (0: unknown / none): the run's length. `compile=auto` is not tried when
     the run, at the eager step time just measured, would train for less than COMPILE_PAYS_AFTER seconds.
+    `layouts`: packed rows of changing length, timed as they will train (training_step_fn).
     """
     compile_batch = compile_batch or batch
     compile = parse_compile(compile)
@@ -232,7 +247,7 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
         return decision  # nothing to choose
 
     def step_fn(target, math, attn, rows=batch):
-        step = training_step_fn(target, rows, block, vocab, device, math)
+        step = training_step_fn(target, rows, block, vocab, device, math, layouts)
 
         def run():
             set_attention(model, attn)
@@ -273,7 +288,8 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
             compiled = {}
             for attn in attentions:
                 set_attention(model, attn)
-                model_compiled, seconds, error = try_compile(model, compile_batch, block, vocab, device, decision.math)
+                model_compiled, seconds, error = try_compile(model, compile_batch, block, vocab, device, decision.math,
+                                                               layouts)
                 decision.compile_seconds += seconds
                 if error:
                     if compile == "on":
@@ -308,12 +324,12 @@ def pick(seconds: dict, baseline: str) -> str:
     return best if seconds[best] < (1 - MARGIN) * seconds[baseline] else baseline
 
 
-def try_compile(model, batch, block, vocab, device, math):
+def try_compile(model, batch, block, vocab, device, math, layouts=None):
     """(compiled model, seconds to compile, error text or None): any failure means eager."""
     started = time.perf_counter()
     try:
         compiled = torch.compile(model)
-        training_step_fn(compiled, batch, block, vocab, device, math)()  # compiles forward and backward
+        training_step_fn(compiled, batch, block, vocab, device, math, layouts)()  # compiles forward and backward
         return compiled, time.perf_counter() - started, None
     except Exception as error:  # noqa: BLE001 — a compiler can fail in many ways; eager always works
         text = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]

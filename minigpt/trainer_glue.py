@@ -87,9 +87,17 @@ def clear_trainer_checkpoints(out_dir: Path) -> None:
     shutil.rmtree(Path(out_dir) / TRAINER_DIR, ignore_errors=True)
 
 
-def common_training_arguments(out_dir: Path, config, seed: int, steps_per_epoch_hint: int = 0) -> dict:
-    """TrainingArguments shared by the TRL stages, from a stage config with the usual fields."""
+def common_training_arguments(out_dir: Path, config, seed: int, steps_per_epoch_hint: int = 0,
+                              math: str | None = None) -> dict:
+    """TrainingArguments shared by the TRL stages, from a stage config with the usual fields.
+
+    `math`: a speed decision's math (minigpt/speed.py); "bf16_autocast" trains under bf16 autocast, on a
+    CPU too. None keeps the old default: bf16 where a GPU supports it, fp32 otherwise.
+    """
     import torch
+
+    bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) if math is None \
+        else math == "bf16_autocast"
 
     return dict(
         output_dir=str(Path(out_dir) / TRAINER_DIR),
@@ -108,7 +116,9 @@ def common_training_arguments(out_dir: Path, config, seed: int, steps_per_epoch_
         report_to="none",
         seed=seed,
         data_seed=seed,
-        bf16=bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+        bf16=bf16,
+        # Transformers allows bf16 autocast on a CPU only when told the run is on the CPU
+        use_cpu=bf16 and not torch.cuda.is_available(),
         # TRL turns activation checkpointing on by default; our models are small enough to keep
         # activations, and recomputing them would double the forward cost.
         activation_checkpointing=False,
@@ -131,6 +141,40 @@ def run_trainer(trainer, out_dir: Path, callback: StageCallback):
 
         exit_interrupted(Path(out_dir) / TRAINER_DIR)
     check_replicas_agree(trainer.accelerator, trainer.model)
+
+
+def decide_trainer_speed(model, rows: int, length: int, vocab: int, dtype: str, layouts=None):
+    """bf16 or fp32 math for a Trainer stage, timed on `model` at the stage's batch shape (rows x length; `layouts`:
+    padding-free rows of changing length instead, each packing sequences of the given lengths).
+
+    The same measurement as pretraining's (minigpt/speed.py), math only: the attention kernel stays SDPA and
+    nothing is compiled (a Trainer stage's batches change length from step to step). Measured on the main
+    process and shared, so that every process trains with the same math.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from minigpt.speed import choose_speed
+
+    state = PartialState()  # the process group and device the Trainer will use (one shared state)
+    device = state.device
+    started = time.time()
+    decision = [None]
+    if state.is_main_process:
+        was = next(model.parameters()).device
+        decision = [choose_speed(model.to(device), rows, length, vocab, device, dtype=dtype, compile="off",
+                                 attention="sdpa", layouts=layouts)]
+        model.to(was)
+    if state.num_processes > 1:
+        broadcast_object_list(decision)
+    decision = decision[0]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    shape = (f"packed rows of {min(map(sum, layouts))}-{max(map(sum, layouts))} tokens" if layouts
+             else f"{rows} x {length} tokens")
+    log.info("%s, at %s (decided in %.1fs)", decision.describe(), shape, time.time() - started)
+    return decision
 
 
 # ---- several processes ---------------------------------------------------------------------------

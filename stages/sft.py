@@ -11,6 +11,7 @@ adapter is merged at the end, so every later stage sees one plain model.
 """
 
 import logging
+import random
 
 from datasets import Dataset
 from trl import SFTConfig as TRLSFTConfig
@@ -24,9 +25,11 @@ from minigpt.evaluation import (eval_records, evaluate, headline, log_examples, 
 from minigpt.judge import NO_JUDGE_NOTE, has_judge_records
 from minigpt.run import (GracefulInterrupt, MetricsLog, begin_stage, plot_curves, require_stage, run_main,
                          write_json_atomic)
+from minigpt.speed import set_matmul_math
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import (StageCallback, clear_trainer_checkpoints, common_training_arguments,
-                                  is_main_process, latest_checkpoint, per_device_batch, run_trainer)
+                                  decide_trainer_speed, is_main_process, latest_checkpoint, per_device_batch,
+                                  run_trainer)
 
 log = logging.getLogger("minigpt.sft")
 
@@ -43,6 +46,19 @@ def truncate_tokenized(dataset, max_length: int):
     without an assistant token to learn from are dropped."""
     cut = dataset.map(lambda row: {"input_ids": row["input_ids"][:max_length], "labels": row["labels"][:max_length]})
     return cut.filter(lambda row: any(label != -100 for label in row["labels"]))
+
+
+def batch_shape(tokenizer: Tokenizer, dialogues: list[dict], config: SFTConfig) -> dict:
+    """Typical training batches, to time the speed choice on: padding-free, rows of a batch's dialogues end to
+    end (position ids restarting at each), a different row length every step, as the Trainer will feed them;
+    padded, the batch at its longest dialogue."""
+    lengths = [min(len(tokenizer.encode_chat(d["messages"])[0]), config.max_length) for d in dialogues[:1000]]
+    rows = per_device_batch(config.batch_size, "batch_size")
+    if config.padding_free:
+        random.Random(0).shuffle(lengths)
+        layouts = [lengths[i:i + rows] for i in range(0, min(len(lengths), 12 * rows) - rows + 1, rows)] or [lengths]
+        return {"rows": 1, "length": max(map(sum, layouts)), "layouts": layouts}
+    return {"rows": rows, "length": max(lengths)}
 
 
 def main():
@@ -62,10 +78,14 @@ def main():
     # --- model and trainer ---------------------------------------------------------------------------
     tokenizer = Tokenizer.load(parent)
     model = load_causal_lm(parent)
+    # bf16 where this machine trains measurably faster with it (minigpt/speed.py), fp32 otherwise
+    speed = decide_trainer_speed(model, vocab=tokenizer.vocab_size, dtype=config.dtype,
+                                 **batch_shape(tokenizer, train_dialogues, config))
+    speed.apply()
     # TRL does not truncate padding-free batches (one row per batch) unless it packs; then the stage does
     truncate_here = config.padding_free and not config.packing
     training_args = TRLSFTConfig(
-        **common_training_arguments(out, config, args.seed),
+        **common_training_arguments(out, config, args.seed, math=speed.math),
         per_device_train_batch_size=per_device_batch(config.batch_size, "batch_size"),
         per_device_eval_batch_size=per_device_batch(config.batch_size, "batch_size"),
         gradient_accumulation_steps=config.grad_accum,
@@ -86,6 +106,7 @@ def main():
             trainer.eval_dataset = truncate_tokenized(trainer.eval_dataset, config.max_length)
         run_trainer(trainer, out, callback)
     val_loss = trainer.evaluate()["eval_loss"]
+    set_matmul_math("fp32")  # the gold evaluation below samples in exact fp32 whatever training used
     if not is_main:  # the gold evaluation and the checkpoint are the main process's alone
         return
     model = trainer.model
@@ -94,7 +115,7 @@ def main():
     model.eval()
 
     # --- what the stage did: base (few-shot) vs SFT on held-out prompts, scored by the gold judge -----
-    final = {"val_loss": val_loss}
+    final = {"val_loss": val_loss, "speed": speed.as_dict()}
     # The shared evaluation (same prompts and seeds as PPO and compare); saved for them to reuse.
     eval_config = load_config(EvalConfig, args.preset)
     eval_source = args.eval_data or world
@@ -128,7 +149,8 @@ def main():
             final["gold"] = NO_JUDGE_NOTE
             log.info("sft: %s (%s)", NO_JUDGE_NOTE, eval_source)
 
-    manifest = make_manifest("sft", config, args, parent=parent, data_files=[source], metrics=final)
+    manifest = make_manifest("sft", config, args, parent=parent, data_files=[source], metrics=final,
+                             speed=speed.as_dict())
     save_model(model, out, parent, manifest)
     plot_curves(metrics.read(), ["loss", "eval_loss", "learning_rate"], out / "loss.png", "sft")
     write_json_atomic(out / "metrics.json", final)

@@ -221,3 +221,59 @@ def test_compiled_both_attention_kernels_are_timed_and_the_faster_kept(monkeypat
 def test_an_unknown_attention_kernel_is_refused():
     with pytest.raises(ValueError, match="attention='flash'"):
         choose(tiny_model(), dtype="float32", compile="off", attention="flash")
+
+
+def test_a_trainer_stage_falls_back_to_fp32_without_bf16_and_passes_its_math_to_the_trainer(monkeypatch):
+    from transformers import TrainingArguments
+
+    from minigpt.config import SFTConfig
+    from minigpt.trainer_glue import common_training_arguments, decide_trainer_speed
+
+    monkeypatch.setattr(speed, "bf16_supported", lambda device: False)
+    assert decide_trainer_speed(tiny_model(), 1, BLOCK, VOCAB, "auto").math == "fp32"
+    monkeypatch.setattr(speed, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(speed, "measure", lambda steps, repeats=5: {k: 0.5 if k == "bf16_autocast" else 1.0 for k in steps})
+    decision = decide_trainer_speed(tiny_model(), 1, BLOCK, VOCAB, "auto")
+    assert decision.name() == "bf16_autocast" and not decision.compile and decision.attention == "sdpa"
+    speed.set_matmul_math("fp32")
+    for math, mixed in (("bf16_autocast", "bf16"), ("bf16_matmul", "no"), ("fp32", "no")):
+        arguments = common_training_arguments("unused", SFTConfig(), 0, math=math)
+        if not torch.cuda.is_available():  # a CPU run may use bf16 autocast only when marked as on the CPU
+            assert arguments["use_cpu"] == (mixed == "bf16")
+        assert TrainingArguments(**arguments).mixed_precision == mixed
+
+
+@pytest.mark.skipif(not speed.bf16_supported("cpu"), reason="this CPU has no bf16 math")
+def test_sft_in_bf16_follows_the_fp32_loss_curve_and_records_its_math(tiny_sft, tmp_path):
+    # tiny_sft is the tiny preset's SFT: fp32 (the preset pins it), same data, seed and steps as this run
+    out = tmp_path / "sft_bf16"
+    run_stage("sft", tiny_sft.parents[1], "dtype=bfloat16", "--out", str(out))
+    metrics, manifest = (json.loads((out / name).read_text()) for name in ("metrics.json", "manifest.json"))
+    assert metrics["speed"]["math"] == "bf16_autocast" and manifest["speed"] == metrics["speed"]
+    assert json.loads((tiny_sft / "metrics.json").read_text())["speed"]["math"] == "fp32"
+
+    def curve(folder):
+        return {row["step"]: row["loss"] for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                if "loss" in row}
+    fp32, bf16 = curve(tiny_sft), curve(out)
+    assert fp32.keys() == bf16.keys() and len(fp32) >= 3
+    assert bf16 != fp32  # autocast changed the arithmetic: there is a bf16 curve to compare
+    for step in fp32:
+        assert abs(fp32[step] - bf16[step]) < 0.05 * fp32[step] + 0.02, (step, fp32[step], bf16[step])
+
+
+def test_packed_rows_are_timed_with_restarting_positions_and_a_new_length_each_step():
+    model, seen = tiny_model(), []
+    forward = model.forward
+
+    def spy(input_ids=None, position_ids=None, **kwargs):
+        seen.append((input_ids.shape, position_ids))
+        return forward(input_ids=input_ids, position_ids=position_ids, **kwargs)
+    model.forward = spy
+    step = speed.training_step_fn(model, 1, BLOCK, VOCAB, "cpu", "fp32", layouts=[[3, 5], [4, 4, 2]])
+    for _ in range(3):
+        step()
+    assert [shape[1] for shape, _ in seen] == [8, 10, 8]  # the layouts in turn, then again
+    assert seen[0][1].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert seen[1][1].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
+    assert all(p.grad is None for p in model.parameters())
