@@ -56,6 +56,7 @@ def batch_shape(tokenizer: Tokenizer, dialogues: list[dict], config: SFTConfig) 
     rows = per_device_batch(config.batch_size, "batch_size")
     if config.padding_free:
         random.Random(0).shuffle(lengths)
+        # twelve rows: enough that the warm-up and each timed step of a candidate meet a length of their own
         layouts = [lengths[i:i + rows] for i in range(0, min(len(lengths), 12 * rows) - rows + 1, rows)] or [lengths]
         return {"rows": 1, "length": max(map(sum, layouts)), "layouts": layouts}
     return {"rows": rows, "length": max(lengths)}
