@@ -127,8 +127,9 @@ class SFTConfig:
     # the world's dialogues are half padding: 1.6x faster on the cpu preset). Our attention then masks one
     # (tokens x tokens) square per batch, so it pays for small batches of short dialogues, not for the gpu preset's
     padding_free: bool = True
-    # auto | float32 | bfloat16 (autocast): auto times a few training steps of the stage's own batch shape in
-    # fp32, bf16 autocast and (CPU) oneDNN bf16 matmuls and keeps the fastest only if measurably faster
+    # auto | float32 | bfloat16 (autocast): auto times a few training steps of the stage's own batches (packed rows
+    # of changing length) in fp32, bf16 autocast and (CPU) oneDNN bf16 matmuls and keeps the fastest only if
+    # measurably faster: on the Xeon with AMX that is fp32 for the cpu preset's model (README, Performance)
     dtype: str = "auto"
     eval_steps: int = 100
     save_steps: int = 100
