@@ -179,7 +179,8 @@ def decide_trainer_speed(model, rows: int, length: int, vocab: int, dtype: str, 
 
 # ---- several processes ---------------------------------------------------------------------------
 # The launcher (`accelerate launch`, torchrun) sets WORLD_SIZE and RANK; read before the Trainer
-# exists, they need no process group (creating accelerate's state early would fix the wrong device).
+# exists, they need no process group. (decide_trainer_speed does create accelerate's shared state before
+# the Trainer, with the defaults the Trainer's own would take: the same device and process group.)
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
