@@ -255,9 +255,10 @@ def main(argv=None):
     compiled = None
     if args.decode_compile:  # the same weights, decode step through torch.compile (static cache shapes)
         compiled = copy.deepcopy(ours)
-        compile_decoding(compiled)
         start = time.perf_counter()
-        cached(compiled), ours_batched(compiled)  # compiles for one row, then for the batch
+        # the attention kernel chosen as `make sample --compile` and chat choose it: timed on one row
+        decode_choice = compile_decoding(compiled, notify=print)
+        cached(compiled), ours_batched(compiled)  # compiles for one row (when not yet), then for the batch
         compile_seconds = time.perf_counter() - start
         print(f"decode step compiled for 1 and {args.rollout_prompts} rows in {compile_seconds:.1f}s")
         decode["cached_compiled"], decode["rollout_compiled"] = [], []
@@ -321,6 +322,7 @@ def main(argv=None):
     if compiled is not None:
         result.update({
             "decode_compile_seconds": round(compile_seconds, 1),
+            "decode_compiled_attention": decode_choice,
             "decode_tokens_per_sec_compiled": round(med["decode_cached_compiled"], 1),
             "decode_compiled_ratio_vs_eager": round(med["decode_cached_compiled"] / med["decode_cached"], 3),
             "decode_compiled_ratio_vs_gpt2": round(med["decode_cached_compiled"] / med["decode_gpt2"], 3),

@@ -128,7 +128,7 @@ class ChatSession:
     def load(self, ckpt: Path):
         self.model, self.tokenizer = load_chat_model(ckpt)
         if self.compile_decode:
-            compile_decoding(self.model)
+            compile_decoding(self.model, notify=self.notify)  # measures the attention kernel too
         self.ckpt, self.is_chat = ckpt, is_chat_checkpoint(ckpt)
         # <|end|> closes the turn; a model that goes on to write the user's next turn is done too.
         self.stop_ids = [self.tokenizer.end_id, self.tokenizer.user_id]

@@ -78,7 +78,7 @@ def main(argv=None):
 
     model, tokenizer = load_for_sampling(args.ckpt)
     if args.compile:
-        compile_decoding(model)
+        compile_decoding(model, notify=lambda message: print(message, file=sys.stderr))
     chat = args.chat == "yes" or (args.chat == "auto" and is_chat_checkpoint(Path(args.ckpt)))
     if chat:
         prompt_ids = tokenizer.encode_prompt([{"role": "user", "content": args.prompt}])

@@ -29,8 +29,9 @@ class KVCache:
     Speaks the part of Transformers' Cache interface the model uses (`update`, `get_seq_length`).
     Two ways to fill it: a chunk of tokens (the prompt) goes to the next free slots and attention sees
     the filled part; after `start_decoding`, each single new token is written at `slot`, a tensor, and
-    attention reads the filled part again or, `static`, the whole buffer behind the mask `next_slot`
-    returns, so that every decode step has the same shapes (what lets one compiled step serve every token).
+    attention reads the filled part again (`next_slot` moves on) or, `static`, the whole buffer behind the
+    mask `visible`, so that every decode step has the same shapes (what lets one compiled graph serve every
+    token: `advance` moves the slot and the mask inside it).
     """
 
     def __init__(self, config, batch_size: int, max_len: int, device, dtype):
@@ -90,8 +91,6 @@ class KVCache:
         self.visible[:, self.length] = True
         self.slot.fill_(self.length)
         self.length += 1
-        if self.static:
-            return self.visible[:, None, None, :]
         return self.visible[:, None, None, :self.length] if self.padded else None
 
 
@@ -196,26 +195,26 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
     if generator is None and config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     # the prompts (in groups of similar length); then one token per step
     logits = prefill(model, prompts, ids, mask, cache, pad_id)
     cache.start_decoding(mask, static=static)
     position = mask.sum(-1, keepdim=True)  # a row's next position counts its real tokens
+    if static:  # compiled: every row to the end, its shapes are fixed
+        yield from _decode_in_one_graph(model, logits, position, cache, config, stop, pad_id, generator)
+        return
     # The rows the model still computes (indices into the batch): answers end at very different lengths
     # (the evaluation's: median 8 tokens, longest 48), and a batch would otherwise run every row to its
     # longest; shrinking at every end costs a copy of the cache and halved the evaluation's sampling time.
-    # A compiled step keeps every row: its shapes are fixed.
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     live = torch.arange(B, device=device)
     for i in range(config.max_new_tokens):
-        logits = logits.float()
         if config.temperature <= 0:
-            picked = logits.argmax(-1)
+            picked = pick(logits, config)
         else:
-            logits = filter_logits(logits / config.temperature, config.top_k, config.top_p)
             # one number per row of the whole batch, so a row draws the same token whether or not the
             # batch has shrunk around it
             uniform = torch.rand((B, 1), generator=generator, device=device)
-            picked = draw(logits.softmax(-1), uniform=uniform[live])
+            picked = pick(logits, config, uniform[live])
         token = torch.full((B,), pad_id, dtype=torch.long, device=device).index_copy_(0, live, picked)
         token = token.masked_fill(done, pad_id)
         yield token
@@ -223,12 +222,59 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
         if bool(done.all()) or i == config.max_new_tokens - 1:
             return
         going = ~done[live]
-        if not static and int(going.sum()) < len(live):
+        if int(going.sum()) < len(live):
             keep = going.nonzero().squeeze(-1)
             live, position = live[keep], position[keep]
             cache.keep_rows(keep)
         logits = step(token[live, None], position, cache.next_slot(), cache)
         position = position + 1
+
+
+def pick(logits, config: SamplingConfig, uniform: torch.Tensor | None = None):
+    """Each row's next token from its last logits (B, V): the argmax at temperature 0, else a draw from the
+    tempered, filtered distribution (`uniform` (B, 1): the draw's numbers, see `draw`)."""
+    logits = logits.float()
+    if config.temperature <= 0:
+        return logits.argmax(-1)
+    return draw(filter_logits(logits / config.temperature, config.top_k, config.top_p).softmax(-1), uniform=uniform)
+
+
+def advance(model, token, position, cache: KVCache, done, uniform, stop, pad_id: int, config: SamplingConfig):
+    """A whole decoding step of a static cache, the unit `compile_decoding` compiles (`model`: our causal LM,
+    unwrapped): every row's last `token` (B,) into the cache, the next tokens chosen, the rows that emit a stop
+    token marked in `done`.
+
+    The cache's slot and mask, `position` and `done` are updated in place, so every step has the same inputs
+    and one graph serves the whole generation. Compiled apart from the model step, these ten small ops (the
+    token choice, the stop check, the mask's new slot) cost 20% of a compiled token on a 2-core Xeon."""
+    cache.visible.index_fill_(1, cache.slot, True)
+    logits = model.decode_step(token[:, None], position, cache.visible[:, None, None, :], cache)
+    cache.slot.add_(1)
+    position.add_(1)
+    token = pick(logits, config, uniform).masked_fill(done, pad_id)
+    done.logical_or_(torch.isin(token, stop))
+    return token
+
+
+def _decode_in_one_graph(model, logits, position, cache: KVCache, config, stop, pad_id, generator):
+    """`stream`'s tokens from a static cache, each step one call of the compiled `advance` (every row to the
+    end: its shapes are fixed). Chooses the same tokens as the eager loop, from the same random numbers."""
+    B = logits.size(0)
+
+    def uniform():  # the draw's numbers, one per row, as the eager loop draws them
+        return torch.rand((B, 1), generator=generator, device=logits.device) if config.temperature > 0 else None
+
+    token = pick(logits, config, uniform())
+    done = torch.isin(token, stop)
+    base = _unwrapped(model)
+    step = base._compiled_advance
+    cache.slot.fill_(cache.length)
+    for i in range(config.max_new_tokens):
+        yield token
+        if i == config.max_new_tokens - 1 or bool(done.all()):
+            return
+        token = step(base, token, position, cache, done, uniform(), stop, pad_id, config)
+        cache.length += 1
 
 
 def _unwrapped(model):
@@ -237,13 +283,59 @@ def _unwrapped(model):
     return base.get_base_model() if hasattr(base, "get_base_model") else base
 
 
-def compile_decoding(model) -> None:
-    """From now on `stream` runs `model`'s decode step through `torch.compile`, with static cache shapes.
+def compile_decoding(model, attention: str = "auto", notify=None) -> dict:
+    """From now on `stream` runs each decoding step of `model` as one `torch.compile`d graph (`advance`), with
+    static cache shapes. Greedy tokens are the same either way.
 
-    Compiling costs tens of seconds on a CPU and is paid back only over many tokens; `make bench` measures
-    both (`decode_compiled`). Greedy tokens are the same either way."""
+    `attention` "auto" times both attention kernels compiled, on a one-row generation at the model's whole
+    context (chat's and `make sample`'s shape), and keeps the written-out one only when it is measurably faster:
+    under compile its mask and softmax fuse into the surrounding loop (1.14x a token on a 2-core Xeon), while
+    which kernel wins depends on the CPU. The choice holds for the whole model (a prompt's pass too).
+    Compiling costs seconds to tens of seconds on a CPU (twice for "auto") and is paid back only over many
+    tokens; `make bench` measures both (`decode_compiled`). Returns what was chosen and measured."""
+    from minigpt.speed import ATTENTIONS, MARGIN, check_attention, set_attention
+
+    if attention != "auto":
+        check_attention(attention)
     base = _unwrapped(model)
-    base._compiled_decode_step = torch.compile(base.decode_step, dynamic=False)
+    base._compiled_advance = torch.compile(advance, dynamic=False)
+    if attention != "auto":
+        set_attention(model, attention)
+        return {"attention": attention}
+    seconds = time_decoding(model, ATTENTIONS)
+    chosen = "eager" if seconds["eager"] < (1 - MARGIN) * seconds["sdpa"] else "sdpa"
+    set_attention(model, chosen)
+    choice = {"attention": chosen, "ms_per_token": {k: round(v * 1000, 3) for k, v in seconds.items()}}
+    if notify is not None:
+        times = ", ".join(f"{k} {v:.3f}" for k, v in choice["ms_per_token"].items())
+        notify(f"decoding compiled: {chosen} attention ({times} ms a token)")
+    return choice
+
+
+def time_decoding(model, attentions, tokens: int = 128, repeats: int = 5) -> dict:
+    """Seconds a token of a one-row greedy generation at the model's whole context, per attention kernel:
+    medians of `repeats` interleaved runs, after one that compiles."""
+    import statistics
+    import time
+
+    from minigpt.speed import set_attention
+
+    config = SamplingConfig(max_new_tokens=min(tokens, _unwrapped(model).config.block_size - 8), temperature=0)
+    prompt = [[0] * 8]
+
+    def run(attention):
+        set_attention(model, attention)
+        start = time.perf_counter()
+        generate(model, prompt, config)
+        return (time.perf_counter() - start) / config.max_new_tokens
+
+    for attention in attentions:
+        run(attention)  # compiles
+    times = {attention: [] for attention in attentions}
+    for _ in range(repeats):
+        for attention in attentions:
+            times[attention].append(run(attention))
+    return {attention: statistics.median(t) for attention, t in times.items()}
 
 
 def static_cache_length(length: int, rows: int, block_size: int, bucket: int = 64) -> int:
@@ -258,12 +350,11 @@ def static_cache_length(length: int, rows: int, block_size: int, bucket: int = 6
 
 
 def decode_step_of(model):
-    """(the model's one-token step, whether it wants static cache shapes): `decode_step`, or its compiled form."""
+    """(the model's one-token step, whether decoding is compiled: static cache shapes, `advance` in one graph)."""
     base = _unwrapped(model)
     if not hasattr(base, "decode_step"):
         raise TypeError(f"the sampler needs a minigpt causal LM (with decode_step), got {type(base).__name__}")
-    compiled = getattr(base, "_compiled_decode_step", None)
-    return (compiled, True) if compiled is not None else (base.decode_step, False)
+    return base.decode_step, getattr(base, "_compiled_advance", None) is not None
 
 
 @dataclass

@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -152,14 +153,32 @@ def test_prompts_prefilled_in_length_groups_decode_as_each_prompt_alone(monkeypa
             assert generate(m, prompts, config).tokens == together
 
 
-def test_compiled_decoding_gives_the_same_greedy_tokens_as_eager():
-    m = model()
+def test_compiled_decoding_gives_the_same_tokens_as_eager_greedy_sampled_and_stopped():
+    m = context_bound_model()
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13]]  # left-padded: the static cache's mask at work
     greedy = SamplingConfig(max_new_tokens=10, temperature=0)
-    eager = generate(m, prompts, greedy).tokens
+    sampled = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=20, seed=3)
+    eager = {name: generate(m, prompts, config) for name, config in (("greedy", greedy), ("sampled", sampled))}
+    # a stop token that one row emits early: that row ends (pad from then on), the others go on
+    stop = eager["greedy"].tokens[0][2]
+    eager["stopped"] = generate(m, prompts, greedy, stop_ids=[stop], pad_id=0)
+    assert eager["stopped"].finished[0] and not all(eager["stopped"].finished)
     compiled = copy.deepcopy(m)
-    compile_decoding(compiled)
-    assert generate(compiled, prompts, greedy).tokens == eager
+    choice = compile_decoding(compiled, attention="auto")
+    # "auto" timed both kernels compiled and left the model on the one it chose
+    assert set(choice["ms_per_token"]) == {"sdpa", "eager"} and all(t > 0 for t in choice["ms_per_token"].values())
+    assert compiled.config._attn_implementation == choice["attention"]
+    for attention in ("sdpa", "eager"):
+        compile_decoding(compiled, attention=attention)
+        assert generate(compiled, prompts, greedy).tokens == eager["greedy"].tokens, attention
+        assert generate(compiled, prompts, sampled).tokens == eager["sampled"].tokens, attention
+        stopped = generate(compiled, prompts, greedy, stop_ids=[stop], pad_id=0)
+        assert (stopped.tokens, stopped.finished) == (eager["stopped"].tokens, eager["stopped"].finished), attention
+
+
+def test_compile_decoding_rejects_an_unknown_attention_kernel():
+    with pytest.raises(ValueError, match="flash"):
+        compile_decoding(model(), attention="flash")
 
 
 def test_a_compiled_step_reads_the_whole_context_for_one_row_and_a_fitted_cache_for_a_batch():
