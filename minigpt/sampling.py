@@ -105,17 +105,21 @@ def left_pad(prompts: list[list[int]], pad_id: int, device):
     return ids.to(device), mask.to(device)
 
 
-def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
-    """Keep the top-k tokens and the smallest set whose probability reaches top_p; others -inf."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return logits
+def filter_logits(logits, top_k=0, top_p=1.0):
+    """Keep the top-k tokens and the smallest set whose probability reaches top_p; others -inf (0 and 1: off).
+
+    Either may be a 0-d tensor: the operations are the same whatever their values (no branch on them), so a
+    compiled step takes them as inputs and a new top-k does not compile it again."""
+    vocab = logits.size(-1)
+    top_k = torch.as_tensor(top_k, device=logits.device)
+    top_p = torch.as_tensor(top_p, dtype=logits.dtype, device=logits.device)
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    kth = torch.sort(logits, descending=True).values.gather(-1, (k - 1).expand(logits.size(0), 1))
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs > top_p) & (top_p < 1)  # keep the token that crosses top_p
+    return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
 def draw(probs, generator: torch.Generator | None = None, uniform: torch.Tensor | None = None):
@@ -207,14 +211,15 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
     # longest; shrinking at every end costs a copy of the cache and halved the evaluation's sampling time.
     done = torch.zeros(B, dtype=torch.bool, device=device)
     live = torch.arange(B, device=device)
+    knobs = sampling_knobs(config)
     for i in range(config.max_new_tokens):
         if config.temperature <= 0:
-            picked = pick(logits, config)
+            picked = choose_tokens(logits)
         else:
             # one number per row of the whole batch, so a row draws the same token whether or not the
             # batch has shrunk around it
             uniform = torch.rand((B, 1), generator=generator, device=device)
-            picked = pick(logits, config, uniform[live])
+            picked = choose_tokens(logits, uniform[live], **knobs)
         token = torch.full((B,), pad_id, dtype=torch.long, device=device).index_copy_(0, live, picked)
         token = token.masked_fill(done, pad_id)
         yield token
@@ -230,19 +235,34 @@ def stream(model, prompts: list[list[int]], config: SamplingConfig, stop_ids=(),
         position = position + 1
 
 
-def pick(logits, config: SamplingConfig, uniform: torch.Tensor | None = None):
-    """Each row's next token from its last logits (B, V): the argmax at temperature 0, else a draw from the
-    tempered, filtered distribution (`uniform` (B, 1): the draw's numbers, see `draw`)."""
+def choose_tokens(logits, uniform=None, temperature=1.0, top_k=None, top_p=None):
+    """Each row's next token from its last logits (B, V): the argmax when `uniform` is None (temperature 0),
+    else the draw `uniform` (B, 1) makes (see `draw`) from the tempered distribution, filtered when `top_k` or
+    `top_p` is given. Numbers, or 0-d tensors for a compiled step (a new temperature then reuses its graph)."""
     logits = logits.float()
-    if config.temperature <= 0:
+    if uniform is None:
         return logits.argmax(-1)
-    return draw(filter_logits(logits / config.temperature, config.top_k, config.top_p).softmax(-1), uniform=uniform)
+    logits = logits / temperature
+    if top_k is not None or top_p is not None:
+        logits = filter_logits(logits, 0 if top_k is None else top_k, 1.0 if top_p is None else top_p)
+    return draw(logits.softmax(-1), uniform=uniform)
 
 
-def advance(model, token, position, cache: KVCache, done, uniform, stop, pad_id: int, config: SamplingConfig):
+def sampling_knobs(config: SamplingConfig, device=None) -> dict:
+    """`choose_tokens`'s keyword arguments for `config` (filters that are off left out); as 0-d tensors on
+    `device` when one is given, for a compiled step."""
+    knobs = {"temperature": config.temperature}
+    if config.top_k > 0 or config.top_p < 1.0:
+        knobs.update(top_k=config.top_k, top_p=config.top_p)
+    if device is None:
+        return knobs
+    return {name: torch.tensor(value, device=device) for name, value in knobs.items()}
+
+
+def advance(model, token, position, cache: KVCache, done, uniform, stop, pad_id: int, knobs: dict):
     """A whole decoding step of a static cache, the unit `compile_decoding` compiles (`model`: our causal LM,
     unwrapped): every row's last `token` (B,) into the cache, the next tokens chosen, the rows that emit a stop
-    token marked in `done`.
+    token marked in `done`. `knobs`: the sampling settings as tensors (`sampling_knobs`).
 
     The cache's slot and mask, `position` and `done` are updated in place, so every step has the same inputs
     and one graph serves the whole generation. Compiled apart from the model step, these ten small ops (the
@@ -251,7 +271,7 @@ def advance(model, token, position, cache: KVCache, done, uniform, stop, pad_id:
     logits = model.decode_step(token[:, None], position, cache.visible[:, None, None, :], cache)
     cache.slot.add_(1)
     position.add_(1)
-    token = pick(logits, config, uniform).masked_fill(done, pad_id)
+    token = choose_tokens(logits, uniform, **knobs).masked_fill(done, pad_id)
     done.logical_or_(torch.isin(token, stop))
     return token
 
@@ -264,16 +284,16 @@ def _decode_in_one_graph(model, logits, position, cache: KVCache, config, stop, 
     def uniform():  # the draw's numbers, one per row, as the eager loop draws them
         return torch.rand((B, 1), generator=generator, device=logits.device) if config.temperature > 0 else None
 
-    token = pick(logits, config, uniform())
+    token = choose_tokens(logits, uniform(), **sampling_knobs(config))
     done = torch.isin(token, stop)
     base = _unwrapped(model)
-    step = base._compiled_advance
+    step, knobs = base._compiled_advance, sampling_knobs(config, logits.device)
     cache.slot.fill_(cache.length)
     for i in range(config.max_new_tokens):
         yield token
         if i == config.max_new_tokens - 1 or bool(done.all()):
             return
-        token = step(base, token, position, cache, done, uniform(), stop, pad_id, config)
+        token = step(base, token, position, cache, done, uniform(), stop, pad_id, knobs)
         cache.length += 1
 
 

@@ -6,7 +6,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import minigpt  # noqa: F401  (registers the Auto classes)
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from minigpt.sampling import KVCache, SamplingConfig, compile_decoding, draw, generate, static_cache_length
+from minigpt.sampling import (KVCache, SamplingConfig, compile_decoding, draw, filter_logits, generate,
+                              static_cache_length)
 
 torch.manual_seed(0)
 CONFIG = MiniGPTConfig(vocab_size=97, n_layer=2, n_head=2, n_embd=32, block_size=64, pad_token_id=0)
@@ -174,6 +175,32 @@ def test_compiled_decoding_gives_the_same_tokens_as_eager_greedy_sampled_and_sto
         assert generate(compiled, prompts, sampled).tokens == eager["sampled"].tokens, attention
         stopped = generate(compiled, prompts, greedy, stop_ids=[stop], pad_id=0)
         assert (stopped.tokens, stopped.finished) == (eager["stopped"].tokens, eager["stopped"].finished), attention
+
+
+def test_a_compiled_step_takes_new_sampling_settings_without_compiling_again():
+    from torch._dynamo.utils import counters
+
+    m = model()
+    compile_decoding(m, attention="sdpa")
+    generate(m, [[1, 2, 3]], SamplingConfig(max_new_tokens=4, temperature=0.7, top_k=50, seed=0))
+    graphs = counters["stats"]["unique_graphs"]
+    for temperature, top_k, top_p in ((0.9, 50, 1.0), (1.0, 5, 0.9), (0.5, 0, 0.8)):  # chat's /temp, /topk, /topp
+        generate(m, [[1, 2, 3]], SamplingConfig(max_new_tokens=4, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                seed=0))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_filter_logits_keeps_the_top_k_and_the_nucleus_with_numbers_or_tensors():
+    logits = torch.tensor([[2.0, 0.0, 1.0, -1.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0]]).log_softmax(-1)
+    kept = filter_logits(logits, top_k=2).isfinite()
+    assert kept[0].tolist() == [True, False, False, False, True] and kept[1].all()  # ties at the k-th all stay
+    probs = logits[0].exp()  # 0.23, 0.03, 0.09, 0.01, 0.64: the nucleus of 0.8 is the two largest
+    assert filter_logits(logits, top_p=0.8)[0].isfinite().tolist() == [True, False, False, False, True]
+    assert filter_logits(logits, top_p=float(probs[4]) - 0.01)[0].isfinite().sum() == 1
+    assert filter_logits(logits).isfinite().all()  # both off
+    for top_k, top_p in ((2, 1.0), (0, 0.8), (3, 0.9), (0, 1.0), (99, 0.5)):
+        assert torch.equal(filter_logits(logits, top_k, top_p),
+                           filter_logits(logits, torch.tensor(top_k), torch.tensor(top_p))), (top_k, top_p)
 
 
 def test_compile_decoding_rejects_an_unknown_attention_kernel():
