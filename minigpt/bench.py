@@ -328,6 +328,7 @@ def main(argv=None):
             "decode_compiled_ratio_vs_gpt2": round(med["decode_cached_compiled"] / med["decode_gpt2"], 3),
             "rollout_tokens_per_sec_compiled": round(med["decode_rollout_compiled"], 1),
             "rollout_compiled_ratio_vs_eager": round(med["decode_rollout_compiled"] / med["decode_rollout"], 3),
+            "rollout_compiled_ratio_vs_gpt2": round(med["decode_rollout_compiled"] / med["decode_rollout_gpt2"], 3),
         })
     if args.run:
         real = run_rollout_rates(args.run, args.rollout_prompts, args.rollout_tokens, args.repeats)

@@ -339,8 +339,9 @@ def time_decoding(model, attentions, tokens: int = 128, repeats: int = 5) -> dic
 
     from minigpt.speed import set_attention
 
-    config = SamplingConfig(max_new_tokens=min(tokens, _unwrapped(model).config.block_size - 8), temperature=0)
-    prompt = [[0] * 8]
+    block_size = _unwrapped(model).config.block_size
+    prompt = [[0] * min(8, block_size // 2)]
+    config = SamplingConfig(max_new_tokens=min(tokens, block_size - len(prompt[0])), temperature=0)
 
     def run(attention):
         set_attention(model, attention)

@@ -21,9 +21,12 @@ def test_bench_prints_machine_decisions_and_one_json_line(tmp_path):
     for key in ("train_tokens_per_sec", "train_mfu", "gpt2_train_tokens_per_sec", "decode_tokens_per_sec_cached",
                 "decode_cache_ratio", "train_ratio_vs_gpt2", "train_ratio_vs_fp32_eager", "decode_ratio_vs_gpt2",
                 "rollout_ratio_vs_gpt2", "cpu_model", "decisions", "matmul_peak_gflops",
-                "decode_tokens_per_sec_compiled", "rollout_compiled_ratio_vs_eager", "rollout_sampled_ratio_vs_gpt2"):
+                "decode_tokens_per_sec_compiled", "rollout_compiled_ratio_vs_eager", "rollout_compiled_ratio_vs_gpt2",
+                "rollout_sampled_ratio_vs_gpt2"):
         assert key in figures, key
     assert figures["decisions"]["chosen"] in ("fp32", "bf16_autocast", "bf16_matmul")
+    assert figures["decode_compiled_attention"]["attention"] in ("sdpa", "eager")  # timed both, compiled
+    assert any(line.startswith("decoding compiled: ") for line in lines)
     assert all(figures[k] > 0 for k in ("train_ratio_vs_fp32_eager", "rollout_ratio_vs_gpt2", "decode_ratio_vs_gpt2",
                                         "rollout_sampled_ratio_vs_gpt2"))
 
