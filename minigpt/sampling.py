@@ -9,9 +9,13 @@ cache) shrinks to the rows still going.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
+
+from minigpt.speed import ATTENTIONS, MARGIN, check_attention, set_attention
 
 
 @dataclass
@@ -254,14 +258,16 @@ def sampling_knobs(config: SamplingConfig, device=None) -> dict:
     if config.top_p < 1.0:
         knobs["top_p"] = config.top_p
     if device is not None:
-        knobs.update({name: torch.tensor(knobs[name], device=device) for name in ("temperature", "top_p") if name in knobs})
+        for name in ("temperature", "top_p"):
+            if name in knobs:
+                knobs[name] = torch.tensor(knobs[name], device=device)
     return knobs
 
 
 def advance(model, token, position, cache: KVCache, done, uniform, stop, pad_id: int, knobs: dict):
     """A whole decoding step of a static cache, the unit `compile_decoding` compiles (`model`: our causal LM,
     unwrapped): every row's last `token` (B,) into the cache, the next tokens chosen, the rows that emit a stop
-    token marked in `done`. `knobs`: the sampling settings as tensors (`sampling_knobs`).
+    token marked in `done`. `knobs`: `sampling_knobs(config, device)`, the temperature and top-p as tensors.
 
     The cache's slot and mask, `position` and `done` are updated in place, so every step has the same inputs
     and one graph serves the whole generation. Compiled apart from the model step, these ten small ops (the
@@ -308,12 +314,10 @@ def compile_decoding(model, attention: str = "auto", notify=None) -> dict:
 
     `attention` "auto" times both attention kernels compiled, on a one-row generation at the model's whole
     context (chat's and `make sample`'s shape), and keeps the written-out one only when it is measurably faster:
-    under compile its mask and softmax fuse into the surrounding loop (1.14x a token on a 2-core Xeon), while
-    which kernel wins depends on the CPU. The choice holds for the whole model (a prompt's pass too).
+    under compile its mask and softmax fuse into the surrounding loop (1.15x a token for the bench's model on
+    a 2-core Xeon), while which kernel wins depends on the CPU and the model (the cpu preset's chose SDPA there). The choice holds for the whole model (a prompt's pass too).
     Compiling costs seconds to tens of seconds on a CPU (twice for "auto") and is paid back only over many
     tokens; `make bench` measures both (`decode_compiled`). Returns what was chosen and measured."""
-    from minigpt.speed import ATTENTIONS, MARGIN, check_attention, set_attention
-
     if attention != "auto":
         check_attention(attention)
     base = _unwrapped(model)
@@ -334,11 +338,6 @@ def compile_decoding(model, attention: str = "auto", notify=None) -> dict:
 def time_decoding(model, attentions, tokens: int = 128, repeats: int = 5) -> dict:
     """Seconds a token of a one-row greedy generation at the model's whole context, per attention kernel:
     medians of `repeats` interleaved runs, after one that compiles."""
-    import statistics
-    import time
-
-    from minigpt.speed import set_attention
-
     block_size = _unwrapped(model).config.block_size
     prompt = [[0] * min(8, block_size // 2)]
     config = SamplingConfig(max_new_tokens=min(tokens, block_size - len(prompt[0])), temperature=0)
