@@ -9,13 +9,11 @@ cache) shrinks to the rows still going.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
-from minigpt.speed import ATTENTIONS, MARGIN, check_attention, set_attention
+from minigpt.speed import ATTENTIONS, check_attention, measure, pick, set_attention
 
 
 @dataclass
@@ -326,7 +324,7 @@ def compile_decoding(model, attention: str = "auto", notify=None) -> dict:
         set_attention(model, attention)
         return {"attention": attention}
     seconds = time_decoding(model, ATTENTIONS)
-    chosen = "eager" if seconds["eager"] < (1 - MARGIN) * seconds["sdpa"] else "sdpa"
+    chosen = pick(seconds, "sdpa")
     set_attention(model, chosen)
     choice = {"attention": chosen, "ms_per_token": {k: round(v * 1000, 3) for k, v in seconds.items()}}
     if notify is not None:
@@ -343,18 +341,15 @@ def time_decoding(model, attentions, tokens: int = 128, repeats: int = 5) -> dic
     config = SamplingConfig(max_new_tokens=min(tokens, block_size - len(prompt[0])), temperature=0)
 
     def run(attention):
-        set_attention(model, attention)
-        start = time.perf_counter()
-        generate(model, prompt, config)
-        return (time.perf_counter() - start) / config.max_new_tokens
+        def generation():
+            set_attention(model, attention)
+            generate(model, prompt, config)
+        return generation
 
-    for attention in attentions:
-        run(attention)  # compiles
-    times = {attention: [] for attention in attentions}
-    for _ in range(repeats):
-        for attention in attentions:
-            times[attention].append(run(attention))
-    return {attention: statistics.median(t) for attention, t in times.items()}
+    runs = {attention: run(attention) for attention in attentions}
+    for generation in runs.values():
+        generation()  # compiles
+    return {attention: seconds / config.max_new_tokens for attention, seconds in measure(runs, repeats).items()}
 
 
 def static_cache_length(length: int, rows: int, block_size: int, bucket: int = 64) -> int:
