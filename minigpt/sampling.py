@@ -9,11 +9,12 @@ cache) shrinks to the rows still going.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from minigpt.speed import ATTENTIONS, check_attention, measure, pick, set_attention
+from minigpt.speed import ATTENTIONS, check_attention, error_summary, measure, pick, set_attention
 
 
 @dataclass
@@ -306,6 +307,25 @@ def _unwrapped(model):
     return base.get_base_model() if hasattr(base, "get_base_model") else base
 
 
+class _CompiledOrEager:
+    """`advance` through `torch.compile`, and eager for good the first time the compiler fails (no C++
+    toolchain, an op it cannot lower: errors surface at a step's first call, before it changes any state):
+    that step runs eagerly and the model forgets it was compiled, so later generations take the eager loop."""
+
+    def __init__(self, base, notify):
+        self.base, self.notify = base, notify
+        self.compiled = torch.compile(advance, dynamic=False)
+
+    def __call__(self, *args):
+        try:
+            return self.compiled(*args)
+        except Exception as error:  # noqa: BLE001 — a compiler can fail in many ways; eager always works
+            if getattr(self.base, "_compiled_advance", None) is self:
+                del self.base._compiled_advance
+                self.notify(f"decoding not compiled ({error_summary(error)}): eager")
+            return advance(*args)
+
+
 def compile_decoding(model, attention: str = "auto", notify=None) -> dict:
     """From now on `stream` runs each decoding step of `model` as one `torch.compile`d graph (`advance`), with
     static cache shapes. Greedy tokens are the same either way.
@@ -313,20 +333,27 @@ def compile_decoding(model, attention: str = "auto", notify=None) -> dict:
     `attention` "auto" times both attention kernels compiled, on a one-row generation at the model's whole
     context (chat's and `make sample`'s shape), and keeps the written-out one only when it is measurably faster:
     under compile its mask and softmax fuse into the surrounding loop (1.15x a token for the bench's model on
-    a 2-core Xeon), while which kernel wins depends on the CPU and the model (the cpu preset's chose SDPA there). The choice holds for the whole model (a prompt's pass too).
+    a 2-core Xeon), while which kernel wins depends on the CPU and the model (the cpu preset's chose SDPA
+    there). The choice holds for the whole model (a prompt's pass too).
     Compiling costs seconds to tens of seconds on a CPU (twice for "auto") and is paid back only over many
-    tokens; `make bench` measures both (`decode_compiled`). Returns what was chosen and measured."""
+    tokens; `make bench` measures both (`decode_compiled`). If the compiler fails, decoding stays eager and
+    `notify` (a warning by default) says why. Returns what was chosen and measured, and whether it compiled."""
     if attention != "auto":
         check_attention(attention)
     base = _unwrapped(model)
-    base._compiled_advance = torch.compile(advance, dynamic=False)
+    base._compiled_advance = _CompiledOrEager(base, notify or (lambda message: warnings.warn(message, stacklevel=4)))
     if attention != "auto":
         set_attention(model, attention)
-        return {"attention": attention}
+        return {"attention": attention, "compiled": True}  # a failure shows at the first generation
+    attention_before = base.config._attn_implementation
     seconds = time_decoding(model, ATTENTIONS)
+    if getattr(base, "_compiled_advance", None) is None:  # the compiler failed: the timings were eager
+        set_attention(model, attention_before)
+        return {"attention": attention_before, "compiled": False}
     chosen = pick(seconds, "sdpa")
     set_attention(model, chosen)
-    choice = {"attention": chosen, "ms_per_token": {k: round(v * 1000, 3) for k, v in seconds.items()}}
+    choice = {"attention": chosen, "compiled": True,
+              "ms_per_token": {k: round(v * 1000, 3) for k, v in seconds.items()}}
     if notify is not None:
         times = ", ".join(f"{k} {v:.3f}" for k, v in choice["ms_per_token"].items())
         notify(f"decoding compiled: {chosen} attention ({times} ms a token)")

@@ -332,8 +332,12 @@ def try_compile(model, batch, block, vocab, device, math, layouts=None):
         training_step_fn(compiled, batch, block, vocab, device, math, layouts)()  # compiles forward and backward
         return compiled, time.perf_counter() - started, None
     except Exception as error:  # noqa: BLE001 — a compiler can fail in many ways; eager always works
-        text = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
-        return None, time.perf_counter() - started, text
+        return None, time.perf_counter() - started, error_summary(error)
+
+
+def error_summary(error: BaseException) -> str:
+    """One short line for a log: the error's type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:200]
 
 
 @contextlib.contextmanager

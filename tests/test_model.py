@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import minigpt  # noqa: F401  (registers the Auto classes)
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
-from minigpt.sampling import (KVCache, SamplingConfig, compile_decoding, draw, filter_logits, generate,
+from minigpt.sampling import (KVCache, SamplingConfig, compile_decoding, decode_step_of, draw, filter_logits, generate,
                               static_cache_length)
 
 torch.manual_seed(0)
@@ -340,3 +340,29 @@ def test_the_attention_choice_is_not_saved_with_the_model(tmp_path):
     assert asked.config._attn_implementation == "eager"
     x = torch.randint(1, 97, (2, 7))
     assert torch.allclose(asked(x).logits, m(x).logits, atol=1e-5)
+
+
+def test_decoding_falls_back_to_eager_when_the_compiler_fails(monkeypatch):
+    m = model()
+    prompts, greedy = [[1, 2, 3], [4]], SamplingConfig(max_new_tokens=6, temperature=0)
+    sampled = SamplingConfig(max_new_tokens=6, temperature=1.0, top_k=20, seed=1)
+    eager = [generate(m, prompts, config).tokens for config in (greedy, sampled)]
+
+    def broken_compile(function, **options):
+        def fails(*args, **kwargs):
+            raise RuntimeError("InductorError: no C++ compiler found\nmore lines")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    for attention in ("auto", "sdpa"):
+        compiled, messages = copy.deepcopy(m), []
+        choice = compile_decoding(compiled, attention=attention, notify=messages.append)
+        # the failure shows at the first compiled step ("auto" times decoding at once, a kernel forced at first use)
+        assert [generate(compiled, prompts, config).tokens for config in (greedy, sampled)] == eager, attention
+        assert messages == ["decoding not compiled (RuntimeError: InductorError: no C++ compiler found): eager"]
+        assert not decode_step_of(compiled)[1]  # the eager loop from then on
+        assert choice["compiled"] is (attention != "auto")  # "auto" knew before it returned
+    with pytest.warns(UserWarning, match="decoding not compiled"):  # said even when nobody listens
+        compiled = copy.deepcopy(m)
+        compile_decoding(compiled, attention="eager")
+        assert generate(compiled, prompts, greedy).tokens == eager[0]
