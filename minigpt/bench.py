@@ -21,7 +21,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM
 from minigpt.sampling import SamplingConfig, compile_decoding, generate
@@ -70,6 +69,14 @@ def build_models(layers, width, heads, vocab, positions):
     return ours, gpt2
 
 
+def next_token_loss(model, x):
+    """The loss as each model's users compute it, inside its forward (where a compiled model fuses it with the
+    head): ours from pretraining's aligned `targets`, Transformers' GPT-2 from `labels` it shifts itself."""
+    if hasattr(model, "decode_step"):  # ours (a compiled wrapper passes attributes through)
+        return model(input_ids=x[:, :-1], targets=x[:, 1:]).loss
+    return model(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # one prediction fewer a row: GPT-2's favour
+
+
 def train_steps_per_sec(model, batch, block, vocab, steps, math="fp32"):
     """Tokens/s of whole training steps (forward, backward, AdamW) after one warm-up step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -78,8 +85,7 @@ def train_steps_per_sec(model, batch, block, vocab, steps, math="fp32"):
 
     def step():
         with matmul_math(math), autocast_for(math, "cpu"):
-            logits = model(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, vocab), x[:, 1:].reshape(-1))
+            loss = next_token_loss(model, x)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

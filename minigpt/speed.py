@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +198,8 @@ def training_step_fn(model, batch: int, block: int, vocab: int, device, math: st
     def step():
         x, positions = data[next(calls) % len(data)]
         set_matmul_math(math)
-        with autocast_for(math, device):
-            logits = model(input_ids=x[:, :-1], position_ids=positions).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1))
+        with autocast_for(math, device):  # the loss inside forward, as pretraining computes it (fused when compiled)
+            loss = model(input_ids=x[:, :-1], position_ids=positions, targets=x[:, 1:]).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         _sync(device)

@@ -12,7 +12,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minigpt.checkpoint import (clear_resume_state, load_resume_state, make_manifest, save_model,
@@ -103,9 +102,8 @@ def main():
 
     rank = accelerator.process_index
 
-    def loss_of(inputs, targets, net=model):
-        logits = net(input_ids=inputs.to(accelerator.device)).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.to(accelerator.device).reshape(-1))
+    def loss_of(inputs, targets, net=model):  # inside forward: a compiled model fuses the loss with the head
+        return net(input_ids=inputs.to(accelerator.device), targets=targets.to(accelerator.device)).loss
 
     @torch.no_grad()
     def evaluate():

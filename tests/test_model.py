@@ -366,3 +366,16 @@ def test_decoding_falls_back_to_eager_when_the_compiler_fails(monkeypatch):
         compiled = copy.deepcopy(m)
         compile_decoding(compiled, attention="eager")
         assert generate(compiled, prompts, greedy).tokens == eager[0]
+
+
+def test_the_loss_from_aligned_targets_is_the_shifted_labels_loss_without_the_logits():
+    m = model()
+    x = torch.randint(0, m.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    out = m(input_ids=x[:, :-1], targets=x[:, 1:])
+    assert out.logits is None  # only the loss: what lets a compiled model fuse it with the head
+    # the same predictions as Transformers' labels, which the model shifts itself (one fewer a row)
+    assert torch.allclose(m(input_ids=x[:, :-1], targets=x[:, 1:].clone().index_fill_(1, torch.tensor([7]), -100)).loss,
+                          m(input_ids=x[:, :-1], labels=x[:, :-1]).loss)
+    logits = m(input_ids=x[:, :-1]).logits
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                                      x[:, 1:].reshape(-1)))
