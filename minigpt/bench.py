@@ -77,9 +77,9 @@ def next_token_loss(model, x):
     return model(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # one prediction fewer a row: GPT-2's favour
 
 
-def train_steps_per_sec(model, batch, block, vocab, steps, math="fp32"):
+def train_steps_per_sec(model, batch, block, vocab, steps, math="fp32", adamw="default"):
     """Tokens/s of whole training steps (forward, backward, AdamW) after one warm-up step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if adamw == "fused" else None)
     x = torch.randint(0, vocab, (batch, block + 1))
     model.train()
 
@@ -235,7 +235,7 @@ def main(argv=None):
     peak = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     # The same decision a stage makes at start, on the bench's shapes.
     decision = choose_speed(ours, args.batch, args.block, args.vocab, "cpu", args.dtype, args.compile,
-                            attention=args.attention)
+                            attention=args.attention, adamw="auto")
     print(decision.describe())
     math = decision.math
     # Copies take the choices (attention kernel, compilation); `ours` and `gpt2` stay as plain SDPA models:
@@ -244,13 +244,15 @@ def main(argv=None):
     set_attention(ours, "sdpa")
 
     train = {"ours": [], "ours_fp32_eager": [], "gpt2": [], "gpt2_same_choices": []}
-    runs = {"ours": (ours_auto, math), "ours_fp32_eager": (ours, "fp32"), "gpt2": (gpt2, "fp32"),
-            "gpt2_same_choices": (gpt2_same, math)}
+    # (model, math, AdamW kernel): the plain ones with torch's default AdamW, as a user's own loop gets it
+    runs = {"ours": (ours_auto, math, decision.adamw), "ours_fp32_eager": (ours, "fp32", "default"),
+            "gpt2": (gpt2, "fp32", "default"), "gpt2_same_choices": (gpt2_same, math, decision.adamw)}
     if bf16_supported("cpu"):  # plain bf16 autocast, whatever was chosen: today's train_bf16_speedup
-        train["ours_bf16"], runs["ours_bf16"] = [], (ours, "bf16_autocast")
+        train["ours_bf16"], runs["ours_bf16"] = [], (ours, "bf16_autocast", "default")
     for _ in range(args.repeats):  # interleaved, so background load hits all alike
-        for name, (model, model_math) in runs.items():
-            train[name].append(train_steps_per_sec(model, args.batch, args.block, args.vocab, args.steps, model_math))
+        for name, (model, model_math, adamw) in runs.items():
+            train[name].append(train_steps_per_sec(model, args.batch, args.block, args.vocab, args.steps, model_math,
+                                                   adamw))
     cached, uncached, reference = decode_rates(ours, gpt2, args.prompt_len, args.new_tokens, args.vocab)
     ours_batched, gpt2_batched = rollout_rates(ours, gpt2, args.rollout_prompts, args.prompt_len,
                                                args.rollout_tokens, args.vocab)

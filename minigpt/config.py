@@ -89,6 +89,10 @@ class PretrainConfig:
     # PyTorch's fused SDPA against attention written out as matmul, softmax, matmul, eager and compiled
     # (minigpt/speed.py); on the AMD EPYC with bf16 the written-out one compiled trains the cpu preset 1.16x faster.
     attention: str = "auto"
+    # auto | default | fused: AdamW's kernel. auto times torch's default for the device (on a CPU one tensor
+    # at a time) against the fused one on the model's parameters and keeps fused only if measurably faster
+    # (speed.choose_adamw; on CUDA fused, not measured).
+    adamw: str = "auto"
     speed_batch: int = 4  # sequences per step the auto choices are timed on
     # bookkeeping
     eval_every: int = 250
@@ -100,7 +104,7 @@ class PretrainConfig:
     PRESETS: typing.ClassVar[dict] = {
         # tiny is fp32 with SDPA: its tests compare runs to 1e-4, which a per-run bf16 or kernel choice would break.
         "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=128, batch_size=8, lr=3e-3, max_time=0.0,
-                     dtype="float32", compile="off", attention="sdpa",
+                     dtype="float32", compile="off", attention="sdpa", adamw="default",
                      warmup_steps=10, max_steps=120, eval_every=40, eval_batches=4,
                      save_every=40, sample_every=120),
         # SDPA's fused kernels are the known best on a GPU, and written-out attention at 512 tokens x batch 64

@@ -7,9 +7,11 @@ of its own training steps (its real shapes) in each candidate setting, interleav
 hits all alike, and keeps the fastest only when it is measurably faster than plain fp32 eager.
 Anything that fails (no bf16, a compiler error) falls back to fp32 eager.
 
-    decision = choose_speed(model, batch=16, block=256, vocab=2048, device=device, dtype="auto", compile="auto")
+    decision = choose_speed(model, batch=16, block=256, vocab=2048, device=device, dtype="auto", compile="auto",
+                            adamw="auto")
     decision.apply()             # sets the process-wide matmul precision the decision wants
     model = decision.wrap(model) # its attention kernel set, and torch.compile'd when that won
+    decision.apply_to_optimizer(optimizer)  # AdamW's fused kernel, when that was measurably faster
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ class SpeedDecision:
     attention_round: dict = field(default_factory=dict)  # SDPA vs written-out attention, measured together
     compile_round: dict = field(default_factory=dict)  # eager vs compiled, measured together
     notes: list = field(default_factory=list)  # why a candidate was skipped or failed
+    adamw: str = "default"  # AdamW's kernel: torch's default for the device, or "fused" (ADAMW_KERNELS)
+    adamw_seconds: dict = field(default_factory=dict)  # seconds per optimizer step, per kernel, when measured
 
     @property
     def dtype(self) -> str:
@@ -76,6 +80,19 @@ class SpeedDecision:
         set_attention(model, self.attention)
         return torch.compile(model) if self.compile else model
 
+    def apply_to_optimizer(self, optimizers) -> None:
+        """Give the AdamW optimizers (torch optimizers, or anything with `.optimizers`) the chosen kernel.
+
+        Set on the param groups, which AdamW reads at every step and saves with its state, so that the
+        choice can be made after the optimizer exists, before its first step (a resumed run's param groups,
+        restored from its state, already hold the kernel it started with)."""
+        if self.adamw != "fused":
+            return
+        for optimizer in getattr(optimizers, "optimizers", [optimizers]):
+            if isinstance(optimizer, torch.optim.AdamW):
+                for group in optimizer.param_groups:
+                    group["fused"], group["foreach"] = True, False
+
     def as_dict(self) -> dict:
         return {**asdict(self), "chosen": self.name(), "speedup_vs_fp32_eager": self.speedup()}
 
@@ -87,8 +104,12 @@ class SpeedDecision:
         extra = then(self.attention_round)
         extra += f"; compile took {self.compile_seconds:.1f}s" if self.compile_seconds else ""
         extra += then(self.compile_round)
+        if self.adamw_seconds:
+            extra += "; AdamW " + ", ".join(f"{k} {v * 1000:.2f} ms" for k, v in self.adamw_seconds.items())
         notes = f"; {'; '.join(self.notes)}" if self.notes else ""
-        return f"speed: chose {self.name()} ({self.speedup():.2f}x fp32 eager) from {times or 'no measurement'}{extra}{notes}"
+        adamw = " with fused AdamW" if self.adamw == "fused" else ""
+        return (f"speed: chose {self.name()}{adamw} ({self.speedup():.2f}x fp32 eager) from "
+                f"{times or 'no measurement'}{extra}{notes}")
 
 
 def bf16_supported(device) -> bool:
@@ -220,9 +241,37 @@ def measure(steps: dict, repeats: int = 5, min_seconds: float = 0.0) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+ADAMW_KERNELS = ("default", "fused")
+
+
+def choose_adamw(params, device, repeats: int = 5) -> tuple[str, dict]:
+    """AdamW's kernel for these parameters, and the seconds a step took with each: "fused" (one kernel over
+    every tensor) only when measurably faster than torch's default for the device, which on a CPU updates
+    one tensor at a time (the cpu preset's 2.6M parameters: 1.7 against 7.1 ms a step on a 2-core Xeon).
+    On CUDA fused is the known best and is not measured. Timed on copies with random gradients (the weights
+    are not touched); a device or dtype the fused kernel refuses means the default."""
+    if torch.device(device).type == "cuda":
+        return "fused", {}
+    copies = [p.detach().clone().requires_grad_(True) for p in params if p.requires_grad]
+    generator = torch.Generator().manual_seed(0)  # its own: measuring must not move the run's random stream
+    for copy in copies:
+        copy.grad = torch.randn(copy.shape, generator=generator).to(copy)
+    optimizers = {"default": torch.optim.AdamW(copies, lr=1e-6)}
+    try:
+        optimizers["fused"] = torch.optim.AdamW(copies, lr=1e-6, fused=True)
+        optimizers["fused"].step()
+    except (RuntimeError, ValueError) as error:
+        log.info("AdamW: fused kernel unavailable (%s)", error_summary(error))
+        return "default", {}
+    optimizers["default"].step()  # each allocates its state before timing
+    seconds = measure({name: optimizer.step for name, optimizer in optimizers.items()}, repeats)
+    return pick(seconds, "default"), seconds
+
+
 def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str = "auto", compile="auto",
                  repeats: int = 5, compile_batch: int | None = None, planned_steps: int = 0,
-                 max_seconds: float = 0.0, attention: str = "auto", layouts=None) -> SpeedDecision:
+                 max_seconds: float = 0.0, attention: str = "auto", layouts=None,
+                 adamw: str | None = None) -> SpeedDecision:
     """Time the candidate settings on `model` itself and return the fastest that beats fp32 eager.
 
     Three rounds, each interleaved and each with its own baseline: the math (fp32, bf16 autocast, bf16
@@ -235,14 +284,22 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
     `planned_steps` / `max_seconds` (0: unknown / none): the run's length. `compile=auto` is not tried when
     the run, at the eager step time just measured, would train for less than COMPILE_PAYS_AFTER seconds.
     `layouts`: packed rows of changing length, timed as they will train (training_step_fn).
+    `adamw` ("auto", or one of ADAMW_KERNELS to obey; None: not the caller's to choose, e.g. a Trainer's):
+    AdamW's kernel for the model's parameters (`choose_adamw`; `apply_to_optimizer` sets it).
     """
     compile_batch = compile_batch or batch
     compile = parse_compile(compile)
     maths, notes = candidate_maths(dtype, device)
     attentions = candidate_attentions(attention)
     decision = SpeedDecision(math=maths[0], attention=attentions[0], notes=notes)
+    if adamw == "auto":
+        decision.adamw, decision.adamw_seconds = choose_adamw(model.parameters(), device)
+    elif adamw is not None:
+        if adamw not in ADAMW_KERNELS:
+            raise ValueError(f"adamw={adamw!r}: expected auto or one of {', '.join(ADAMW_KERNELS)}")
+        decision.adamw = adamw
     if len(maths) == 1 and len(attentions) == 1 and compile == "off":
-        return decision  # nothing to choose
+        return decision  # nothing else to choose
 
     def step_fn(target, math, attn, rows=batch):
         step = training_step_fn(target, rows, block, vocab, device, math, layouts)

@@ -92,6 +92,7 @@ def main():
     speed = decide_speed(config, state, model.to(accelerator.device), micro, tokenizer.vocab_size, accelerator)
     elapsed_before += time.time() - decision_started
     speed.apply()
+    speed.apply_to_optimizer(optimizer)
     model, *optimizer.optimizers = accelerator.prepare(model, *optimizer.optimizers)
     model = speed.wrap(model)
     # the plain model under accelerate's and torch.compile's wrappers: what is sampled from and saved
@@ -233,7 +234,7 @@ def decide_speed(config, state, model, micro, vocab, accelerator) -> SpeedDecisi
     decision = [choose_speed(model, min(micro, config.speed_batch), config.block_size, vocab, accelerator.device,
                              config.dtype, config.compile, compile_batch=micro,
                              planned_steps=config.max_steps * config.grad_accum, max_seconds=config.max_time,
-                             attention=config.attention)
+                             attention=config.attention, adamw=config.adamw)
                 if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(decision)

@@ -134,7 +134,7 @@ def test_measuring_leaves_weights_and_random_stream_alone():
     torch.manual_seed(1)
     expected = torch.rand(3)
     torch.manual_seed(1)
-    choose(model, dtype="auto", compile="off", repeats=2)
+    choose(model, dtype="auto", compile="off", repeats=2, adamw="auto")
     assert torch.equal(torch.rand(3), expected)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -177,7 +177,8 @@ def test_bf16_training_follows_the_fp32_loss_curve(math):
 
 def test_pretraining_records_its_speed_decision(tiny_runs, tmp_path):
     shutil.copytree(tiny_runs / "t", tmp_path / "s", ignore=shutil.ignore_patterns("pretrain", "tokens"))
-    result = run_stage("pretrain", tmp_path, "dtype=auto", "max_steps=5", "eval_every=5", "sample_every=5", run="s")
+    result = run_stage("pretrain", tmp_path, "dtype=auto", "adamw=auto", "max_steps=5", "eval_every=5",
+                       "sample_every=5", run="s")
     assert "speed: chose" in result.stderr + result.stdout
     out = tmp_path / "s" / "pretrain"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -186,6 +187,8 @@ def test_pretraining_records_its_speed_decision(tiny_runs, tmp_path):
     assert metrics["speed"]["chosen"] in ("fp32", "bf16_autocast", "bf16_matmul")
     assert "fp32" in metrics["speed"]["step_seconds"] or not speed.bf16_supported("cpu")
     assert metrics["dtype"] == ("bfloat16" if metrics["speed"]["math"] == "bf16_autocast" else "float32")
+    assert metrics["speed"]["adamw"] in speed.ADAMW_KERNELS
+    assert set(metrics["speed"]["adamw_seconds"]) == set(speed.ADAMW_KERNELS)  # both timed
 
 
 @pytest.mark.parametrize("written, expected", [(0.8, "eager"), (0.98, "sdpa"), (1.3, "sdpa")])
@@ -277,3 +280,50 @@ def test_packed_rows_are_timed_with_restarting_positions_and_a_new_length_each_s
     assert seen[0][1].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
     assert seen[1][1].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("fused, expected", [(0.3, "fused"), (0.98, "default"), (1.5, "default")])
+def test_fused_adamw_is_chosen_only_when_measurably_faster(monkeypatch, fused, expected):
+    monkeypatch.setattr(speed, "measure", lambda steps, repeats=5: {"default": 1.0, "fused": fused})
+    decision = choose(tiny_model(), dtype="float32", compile="off", adamw="auto")
+    assert decision.adamw == expected and decision.adamw_seconds == {"default": 1.0, "fused": fused}
+
+
+def test_adamw_keeps_its_default_kernel_where_the_fused_one_is_refused_or_not_asked_for(monkeypatch):
+    real = torch.optim.AdamW
+
+    def adamw(params, *args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    assert speed.choose_adamw(tiny_model().parameters(), "cpu") == ("default", {})
+    monkeypatch.setattr(speed, "measure", lambda *a, **k: pytest.fail("an explicit kernel must not be measured"))
+    assert choose(tiny_model(), dtype="float32", compile="off", adamw="fused").adamw == "fused"
+    assert choose(tiny_model(), dtype="float32", compile="off").adamw == "default"  # a Trainer's own choice
+    with pytest.raises(ValueError, match="adamw='apex'"):
+        choose(tiny_model(), dtype="float32", compile="off", adamw="apex")
+
+
+def test_the_fused_kernel_trains_as_the_default_one_and_a_resumed_optimizer_keeps_it():
+    from minigpt.training import configure_optimizer
+
+    models = [tiny_model(), tiny_model()]
+    optimizers = [configure_optimizer(model, 1e-2, 0.1) for model in models]
+    speed.SpeedDecision(adamw="fused").apply_to_optimizer(optimizers[1])
+    speed.SpeedDecision(adamw="default").apply_to_optimizer(optimizers[0])  # leaves torch's default alone
+    assert [group["fused"] for group in optimizers[0].param_groups] == [None, None]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x = torch.randint(0, VOCAB, (4, BLOCK + 1), generator=generator)
+        for model, optimizer in zip(models, optimizers):
+            model(input_ids=x[:, :-1], targets=x[:, 1:]).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-5), "fused AdamW must be the same update"
+    assert not torch.equal(models[0].lm_head.weight, tiny_model().lm_head.weight)  # it trained
+    resumed = configure_optimizer(tiny_model(), 1e-2, 0.1)
+    resumed.optimizers[0].load_state_dict(optimizers[1].optimizers[0].state_dict())
+    assert all(group["fused"] for group in resumed.param_groups)
