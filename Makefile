@@ -152,9 +152,10 @@ $(R)/ppo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/ppo
 
 # ---- the alternatives to PPO: DPO on the ranked samples, GRPO with the reward model, and rejection
 # sampling (RSFT: SFT on the reward model's best of k answers) ---------------------------------------
+# DPO learns from the rankings the reward model learns from: the run's ranked samples, or REWARD_DATA.
 dpo: $(R)/dpo/metrics.json
-$(R)/dpo/metrics.json: $(R)/samples/metrics.json $(R)/.settings/dpo
-	$(LAUNCH) stages/dpo.py $(COMMON) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_DPO_ARGS)
+$(R)/dpo/metrics.json: $(if $(RUN_REWARD_DATA),$(R)/sft/metrics.json,$(R)/samples/metrics.json) $(R)/.settings/dpo
+	$(LAUNCH) stages/dpo.py $(COMMON) $(call data_arg,--data,$(RUN_REWARD_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_DPO_ARGS)
 
 grpo: $(R)/grpo/metrics.json
 $(R)/grpo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/grpo

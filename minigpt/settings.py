@@ -43,7 +43,7 @@ STAGES = {
     "samples": (("sft",), (), "samples/metrics.json"),
     "reward": (("samples",), ("reward",), "reward/metrics.json"),
     "ppo": (("reward",), ("ppo", "eval"), "ppo/metrics.json"),
-    "dpo": (("samples",), ("eval",), "dpo/metrics.json"),
+    "dpo": (("samples",), ("reward", "eval"), "dpo/metrics.json"),  # the reward model's rankings
     "grpo": (("reward",), ("ppo", "eval"), "grpo/metrics.json"),
     "rsft": (("reward",), ("ppo", "eval"), "rsft/metrics.json"),
     "compare": (("ppo",), ("sft", "eval"), "compare/report.json"),
@@ -85,8 +85,8 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def parents_of(stage: str, data: dict) -> tuple:
-    # With its own REWARD_DATA the reward model does not need the run's ranked samples.
-    if stage == "reward" and data.get("reward"):
+    # With its own REWARD_DATA the reward model (and DPO) does not need the run's ranked samples.
+    if stage in ("reward", "dpo") and data.get("reward"):
         return ("sft",)
     return STAGES[stage][0]
 

@@ -89,6 +89,19 @@ def test_reward_data_of_its_own_needs_no_ranked_samples():
     assert "samples" in stages_in_play(["reward"], {"reward": ""})
     assert stages_in_play(["reward"], {"reward": "prefs.jsonl"}) == ["data", "tokenizer", "pretrain", "sft", "reward"]
     assert stages_in_play(["all"], {})[-1] == "compare" and stages_in_play(["chat"], {}) == []
+    assert stages_in_play(["dpo"], {"reward": "prefs.jsonl"})[-2:] == ["sft", "dpo"]  # DPO learns from them too
+
+
+def test_dpo_learns_from_the_runs_own_rankings_when_it_has_them(tmp_path):
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "No."}) + "\n")
+    dry = make_raw("dpo", tmp_path, "PRESET=tiny", f"REWARD_DATA={prefs}", "-n")
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert f"--data {prefs}" in next(line for line in dry.stdout.splitlines() if "stages/dpo.py" in line)
+    assert "stages/samples.py" not in dry.stdout and "stages/sft.py" in dry.stdout
+    plain = make_raw("dpo", tmp_path, "PRESET=tiny", "-n", run="u")  # the run's ranked samples, as before
+    assert "--data" not in next(line for line in plain.stdout.splitlines() if "stages/dpo.py" in line)
+    assert "stages/samples.py" in plain.stdout
 
 
 def test_alternatives_builds_and_forces_each_alternative():
