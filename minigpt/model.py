@@ -110,6 +110,21 @@ def explicit_attention(q, k, v, attn_mask=None, is_causal=False, dropout_p=0.0):
     return probs @ v
 
 
+GELU_SIGMOID_SCALE = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu(x):
+    """GPT-2's GELU, the tanh approximation: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+
+    Inside a `torch.compile`d graph it is written with a sigmoid instead, the same function (0.5·(1 + tanh z)
+    = σ(2z); 5e-7 apart in fp32): the compiler's vectorised tanh is slow on CPUs, and the sigmoid form made a
+    compiled training step 1.07x faster at the bench's size and 1.04x at the cpu preset's (a 2-core Xeon).
+    Eagerly, torch's one-kernel tanh GELU is the faster (the sigmoid form is five kernels: 2.3x slower)."""
+    if torch.compiler.is_compiling():
+        return x * torch.sigmoid(GELU_SIGMOID_SCALE * (x + 0.044715 * x * x * x))
+    return F.gelu(x, approximate="tanh")
+
+
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -119,7 +134,8 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        return self.dropout(self.proj(gelu(self.fc(x))))
+
 
 
 class Block(GradientCheckpointingLayer):

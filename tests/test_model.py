@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import minigpt  # noqa: F401  (registers the Auto classes)
-from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
+from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification, gelu
 from minigpt.sampling import (KVCache, SamplingConfig, compile_decoding, decode_step_of, draw, filter_logits, generate,
                               static_cache_length)
 
@@ -74,6 +74,20 @@ def test_pretraining_forward_compiles_to_a_single_graph():
     explained = torch._dynamo.explain(model().train())(input_ids=torch.randint(1, 97, (2, 16)))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+def test_the_compiled_graphs_gelu_is_the_tanh_gelu_written_with_a_sigmoid(monkeypatch):
+    """Compiled, the MLP's GELU takes another form (for speed): it must stay the function it replaces."""
+    x = torch.linspace(-8, 8, 4001, requires_grad=True)
+    eager = gelu(x)
+    assert torch.equal(eager, torch.nn.functional.gelu(x, approximate="tanh"))
+    (eager_grad,) = torch.autograd.grad(eager.sum(), x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    as_compiled = gelu(x)
+    (as_compiled_grad,) = torch.autograd.grad(as_compiled.sum(), x)
+    assert not torch.equal(as_compiled, eager)  # the other form did run
+    assert torch.allclose(as_compiled, eager, rtol=0, atol=2e-6)
+    assert torch.allclose(as_compiled_grad, eager_grad, rtol=0, atol=2e-5)
 
 
 def test_cached_decoding_matches_uncached():
