@@ -268,10 +268,17 @@ def choose_adamw(params, device, repeats: int = 5) -> tuple[str, dict]:
     return pick(seconds, "default"), seconds
 
 
+def adamw_parameters(optimizers) -> list:
+    """The parameters the AdamW optimizers among `optimizers` (a torch optimizer, or anything with
+    `.optimizers`) update: with Muon for the hidden matrices, only the embedding and norms."""
+    return [p for optimizer in getattr(optimizers, "optimizers", [optimizers])
+            if isinstance(optimizer, torch.optim.AdamW) for group in optimizer.param_groups for p in group["params"]]
+
+
 def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str = "auto", compile="auto",
                  repeats: int = 5, compile_batch: int | None = None, planned_steps: int = 0,
                  max_seconds: float = 0.0, attention: str = "auto", layouts=None,
-                 adamw: str | None = None) -> SpeedDecision:
+                 adamw: str | None = None, adamw_params=None) -> SpeedDecision:
     """Time the candidate settings on `model` itself and return the fastest that beats fp32 eager.
 
     Three rounds, each interleaved and each with its own baseline: the math (fp32, bf16 autocast, bf16
@@ -285,7 +292,8 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
     the run, at the eager step time just measured, would train for less than COMPILE_PAYS_AFTER seconds.
     `layouts`: packed rows of changing length, timed as they will train (training_step_fn).
     `adamw` ("auto", or one of ADAMW_KERNELS to obey; None: not the caller's to choose, e.g. a Trainer's):
-    AdamW's kernel for the model's parameters (`choose_adamw`; `apply_to_optimizer` sets it).
+    AdamW's kernel (`choose_adamw`; `apply_to_optimizer` sets it), timed on `adamw_params` (default: all the
+    model's parameters; give `adamw_parameters(optimizer)` when Muon takes the hidden matrices).
     """
     compile_batch = compile_batch or batch
     compile = parse_compile(compile)
@@ -293,7 +301,8 @@ def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str =
     attentions = candidate_attentions(attention)
     decision = SpeedDecision(math=maths[0], attention=attentions[0], notes=notes)
     if adamw == "auto":
-        decision.adamw, decision.adamw_seconds = choose_adamw(model.parameters(), device)
+        params = model.parameters() if adamw_params is None else adamw_params
+        decision.adamw, decision.adamw_seconds = choose_adamw(params, device)
     elif adamw is not None:
         if adamw not in ADAMW_KERNELS:
             raise ValueError(f"adamw={adamw!r}: expected auto or one of {', '.join(ADAMW_KERNELS)}")

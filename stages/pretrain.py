@@ -23,7 +23,7 @@ from minigpt.run import (GracefulInterrupt, MetricsLog, exit_interrupted, finger
                          parse_stage_args, plot_curves, require_stage, setup_logging,
                          write_json_atomic)
 from minigpt.sampling import SamplingConfig, generate
-from minigpt.speed import SpeedDecision, autocast_for, bf16_supported, choose_speed
+from minigpt.speed import SpeedDecision, adamw_parameters, autocast_for, bf16_supported, choose_speed
 from minigpt.token_data import TokenBlocks, cache_key, cached_tokens, token_stats
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer_glue import agree_max, check_replicas_agree, require_data_parallel
@@ -89,7 +89,8 @@ def main():
     # The speed decision (and any compiling it does) is spent from the training budget: a faster step
     # must pay for its own set-up inside the same wall time.
     decision_started = time.time()
-    speed = decide_speed(config, state, model.to(accelerator.device), micro, tokenizer.vocab_size, accelerator)
+    model.to(accelerator.device)
+    speed = decide_speed(config, state, model, optimizer, micro, tokenizer.vocab_size, accelerator)
     elapsed_before += time.time() - decision_started
     speed.apply()
     speed.apply_to_optimizer(optimizer)
@@ -218,7 +219,7 @@ def main():
     accelerator.wait_for_everyone()
 
 
-def decide_speed(config, state, model, micro, vocab, accelerator) -> SpeedDecision:
+def decide_speed(config, state, model, optimizer, micro, vocab, accelerator) -> SpeedDecision:
     """bf16 / compile for this run: measured on the main process and shared, so every process agrees;
     a resumed run keeps the choice it started with (the same math for its whole curve)."""
     from accelerate.utils import broadcast_object_list
@@ -234,7 +235,8 @@ def decide_speed(config, state, model, micro, vocab, accelerator) -> SpeedDecisi
     decision = [choose_speed(model, min(micro, config.speed_batch), config.block_size, vocab, accelerator.device,
                              config.dtype, config.compile, compile_batch=micro,
                              planned_steps=config.max_steps * config.grad_accum, max_seconds=config.max_time,
-                             attention=config.attention, adamw=config.adamw)
+                             attention=config.attention, adamw=config.adamw,
+                             adamw_params=adamw_parameters(optimizer))
                 if accelerator.is_main_process else None]
     if accelerator.num_processes > 1:
         broadcast_object_list(decision)

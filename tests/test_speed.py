@@ -289,6 +289,24 @@ def test_fused_adamw_is_chosen_only_when_measurably_faster(monkeypatch, fused, e
     assert decision.adamw == expected and decision.adamw_seconds == {"default": 1.0, "fused": fused}
 
 
+def test_adamws_kernel_is_timed_on_the_parameters_adamw_updates(monkeypatch):
+    from minigpt.training import configure_optimizer
+
+    model = tiny_model()
+    optimizer = configure_optimizer(model, 1e-2, 0.1, kind="muon")
+    on_adamw = speed.adamw_parameters(optimizer)
+    muon_params = {id(p) for p in optimizer.optimizers[1].param_groups[0]["params"]}
+    assert on_adamw and len(on_adamw) + len(muon_params) == len(list(model.parameters()))
+    assert not muon_params & {id(p) for p in on_adamw}
+    assert {id(p) for p in speed.adamw_parameters(configure_optimizer(model, 1e-2, 0.1))} == {
+        id(p) for p in model.parameters()}
+    timed = []
+    monkeypatch.setattr(speed, "choose_adamw", lambda params, device: (timed.append(list(params)), ("default", {}))[1])
+    choose(model, dtype="float32", compile="off", adamw="auto", adamw_params=on_adamw)
+    choose(model, dtype="float32", compile="off", adamw="auto")
+    assert [len(params) for params in timed] == [len(on_adamw), len(list(model.parameters()))]
+
+
 def test_adamw_keeps_its_default_kernel_where_the_fused_one_is_refused_or_not_asked_for(monkeypatch):
     real = torch.optim.AdamW
 
