@@ -362,7 +362,7 @@ def compile_decoding(model, attention: str = "auto", notify=None) -> dict:
 
 def time_decoding(model, attentions, tokens: int = 128, repeats: int = 5) -> dict:
     """Seconds a token of a one-row greedy generation at the model's whole context, per attention kernel:
-    medians of `repeats` interleaved runs, after one that compiles."""
+    medians of `repeats` interleaved runs, after one that compiles ({} if compiling failed)."""
     block_size = _unwrapped(model).config.block_size
     prompt = [[0] * min(8, block_size // 2)]
     config = SamplingConfig(max_new_tokens=min(tokens, block_size - len(prompt[0])), temperature=0)
@@ -376,6 +376,8 @@ def time_decoding(model, attentions, tokens: int = 128, repeats: int = 5) -> dic
     runs = {attention: run(attention) for attention in attentions}
     for generation in runs.values():
         generation()  # compiles
+        if not decode_step_of(model)[1]:
+            return {}  # the compiler failed: decoding is eager from now on, and there is nothing to choose
     return {attention: seconds / config.max_new_tokens for attention, seconds in measure(runs, repeats).items()}
 
 

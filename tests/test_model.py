@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import minigpt  # noqa: F401  (registers the Auto classes)
+import minigpt.sampling as sampling
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification, gelu
 from minigpt.sampling import (KVCache, SamplingConfig, compile_decoding, decode_step_of, draw, filter_logits, generate,
                               static_cache_length)
@@ -368,6 +369,7 @@ def test_decoding_falls_back_to_eager_when_the_compiler_fails(monkeypatch):
         return fails
 
     monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(sampling, "measure", lambda *a, **k: pytest.fail("eager decoding is not timed for a choice"))
     for attention in ("auto", "sdpa"):
         compiled, messages = copy.deepcopy(m), []
         choice = compile_decoding(compiled, attention=attention, notify=messages.append)
