@@ -142,8 +142,6 @@ def test_prompts_are_grouped_by_length_longest_first():
 
 
 def test_prompts_prefilled_in_length_groups_decode_as_each_prompt_alone(monkeypatch):
-    import minigpt.sampling as sampling
-
     original = sampling.length_groups
     monkeypatch.setattr(sampling, "length_groups", lambda lengths: original(lengths, min_rows=1))
     m = model()
