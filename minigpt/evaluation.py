@@ -34,9 +34,10 @@ from minigpt.config import EvalConfig, to_dict
 from minigpt.data import load_prompts
 from minigpt.judge import NO_JUDGE_NOTE, has_judge_records, score
 from minigpt.ppo import repetition_rate, sequence_kl
+from minigpt.ranking import ranking_pairs, ranks_from_scores
 from minigpt.reward_model import RewardScorer
 from minigpt.sampling import SamplingConfig, generate_in_batches
-from minigpt.stats import bootstrap_ci, paired_gain, significance, spearman, win_rate
+from minigpt.stats import bootstrap_ci, bootstrap_ratio_ci, paired_gain, significance, spearman, win_rate
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,8 @@ def best_of_n(model, tokenizer, records, reward: RewardScorer, config: EvalConfi
     n_max / n disjoint groups of n (less noise than one group). Per n: `mean` (gold of a single
     sample), `reward_model` (gold of the answer the reward model scores highest), `oracle` (the best
     gold: the ceiling of reranking), `rm_pick` (the RM score of its pick) and the analytic
-    `kl` = log n − (n−1)/n of best-of-n to the sampling policy.
+    `kl` = log n − (n−1)/n of best-of-n to the sampling policy. `pairwise`: the reward model's pairwise
+    accuracy against the judge on the same answers (`pairwise_agreement`, in groups of the smallest n).
     """
     ns = sorted(ns or config.best_of_n_values)
     n_max = max(ns)
@@ -375,9 +377,33 @@ def best_of_n(model, tokenizer, records, reward: RewardScorer, config: EvalConfi
                                     "reward_model": statistics.fmean(picks[i] for i in idx),
                                     "oracle": statistics.fmean(oracle[i] for i in idx)}
         out[str(n)] = row
+    out["pairwise"] = pairwise_agreement(gold, rm, len(records), n_max, ns[0])
     out["config"] = to_dict(config)
     out["rm_mean_sample"] = statistics.fmean(rm)
     return out
+
+
+def pairwise_agreement(gold: list[float], rm: list[float], n_prompts: int, per_prompt: int, k: int) -> dict:
+    """How often the reward model orders two answers to one prompt as the judge does, on prompts it never saw.
+
+    `gold` and `rm` hold `per_prompt` answers for each prompt in turn; each prompt's answers are taken in
+    groups of `k` and ranked by their gold as the labelling stage ranks its K answers (ties give no pair), so
+    the figure is the held-out pairwise accuracy of the reward stage, measured on the evaluation's prompts
+    (hundreds, where the reward stage holds out a few dozen ranked ones). Pooled over pairs; the interval
+    resamples prompts, whose pairs share answers."""
+    agreeing, counts = [], []
+    for i in range(n_prompts):
+        agree = count = 0
+        for start in range(i * per_prompt, (i + 1) * per_prompt - k + 1, k):
+            scores = rm[start:start + k]
+            pairs = ranking_pairs(ranks_from_scores(gold[start:start + k]))
+            agree += sum(scores[better] > scores[worse] for better, worse in pairs)
+            count += len(pairs)
+        if count:
+            agreeing.append(agree)
+            counts.append(count)
+    return {"accuracy": sum(agreeing) / max(1, sum(counts)), "ci": bootstrap_ratio_ci(agreeing, counts),
+            "prompts": len(counts), "pairs": sum(counts), "answers_per_ranking": k}
 
 
 def pick_best(scores: list[float]) -> int:

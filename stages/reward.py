@@ -49,6 +49,12 @@ def ranked_sources(args, config: RewardConfig) -> list:
     return present
 
 
+def log_pairwise(pairwise: dict, n_prompts: int, where: str) -> None:
+    log.info("reward model on the %d evaluation prompts' answers %s: pairwise accuracy %.3f (95%% CI %.3f to %.3f; "
+             "%d prompts with a pair, %d pairs in rankings of %d)", n_prompts, where, pairwise["accuracy"],
+             *pairwise["ci"], pairwise["prompts"], pairwise["pairs"], pairwise["answers_per_ranking"])
+
+
 def log_best_of_n(n: int, where: str, row: dict) -> None:
     log.info("best-of-%d %s: one sample %.3f, reward-model pick %.3f (%+.3f, 95%% CI %+.3f to %+.3f), oracle %.3f",
              n, where, row["mean"], row["reward_model"], row["gain"], *row["gain_ci"], row["oracle"])
@@ -185,6 +191,9 @@ def main():
             final[f"best_of_{n}_oracle"] = row["oracle"]
             log_best_of_n(n, f"on {len(eval_prompts)} held-out prompts", row)
         final["sample_gold_mean"] = best[str(eval_config.best_of_n_values[0])]["mean"]
+        log_pairwise(best["pairwise"], len(eval_prompts), "at temperature 1, as the ranked answers")
+        final["eval_pairwise_accuracy"], final["eval_pairwise_accuracy_ci"] = (best["pairwise"]["accuracy"],
+                                                                               best["pairwise"]["ci"])
         # the same reranking of answers sampled as a chat user sees them (the evaluation's temperature), from as
         # many samples as above: best-of-4 then averages 4 disjoint groups of 4, half the noise of one group
         best["eval_temperature"] = best_of_n(sft_model, tokenizer, eval_prompts, scorer, eval_config,
@@ -195,6 +204,10 @@ def main():
             final[f"best_of_{n}_gain_eval_temperature"] = row["gain"]
             final[f"best_of_{n}_gain_eval_temperature_ci"] = row["gain_ci"]
             log_best_of_n(n, f"at the evaluation temperature {eval_config.temperature:.1f}", row)
+        pairwise = best["eval_temperature"]["pairwise"]
+        log_pairwise(pairwise, len(eval_prompts), f"at the evaluation temperature {eval_config.temperature:.1f}")
+        final["eval_pairwise_accuracy_eval_temperature"] = pairwise["accuracy"]
+        final["eval_pairwise_accuracy_eval_temperature_ci"] = pairwise["ci"]
 
     manifest = make_manifest("reward", config, args, parent=parent, data_files=ranked_sources(args, config),
                              metrics=final)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from minigpt.config import EvalConfig, load_config
-from minigpt.evaluation import best_of_n, check_same_prompts, eval_records, pair, pick_best, summarise
+from minigpt.evaluation import (best_of_n, check_same_prompts, eval_records, pair, pairwise_agreement, pick_best,
+                                 summarise)
 from minigpt.stats import bootstrap_ci, paired_gain, spearman, win_rate
 
 
@@ -97,6 +98,9 @@ def test_best_of_n_keeps_the_highest_scored_answer_and_reports_its_kl(monkeypatc
     # n = 2 averages over the two disjoint pairs of each prompt
     assert result["2"]["reward_model"] == pytest.approx(((1 + 0) / 2 + (1 + 0) / 2) / 2)
     assert pick_best([0.1, 0.9, 0.9]) == 1
+    # pairs in rankings of the smallest n (2): ("a", "good answer") and ("good", "x") agree (the judge's pick is
+    # the longer); ("bbb", "cc") and ("yy", "zzzzzz") are gold ties, no pair
+    assert result["pairwise"] == {"accuracy": 1.0, "ci": [1.0, 1.0], "prompts": 2, "pairs": 2, "answers_per_ranking": 2}
     # at another temperature and for chosen n: the sampler is asked for that temperature, the result says so
     temperatures = []
     monkeypatch.setattr(evaluation, "answer_chat", lambda model, tok, recs, sampling, *a, **k: temperatures.append(
@@ -104,6 +108,19 @@ def test_best_of_n_keeps_the_highest_scored_answer_and_reports_its_kl(monkeypatc
     tempered = best_of_n(_Dummy(), None, records, FixedScorer(), config, temperature=0.7, ns=[2])
     assert temperatures == [0.7] and tempered["temperature"] == 0.7 and "4" not in tempered
     assert tempered["2"]["reward_model"] == pytest.approx((1.0 + 0.0) / 2)  # "good answer" over "a", "bbb" over "cc"
+
+
+def test_pairwise_agreement_ranks_each_group_by_gold_and_counts_the_reward_models_agreeing_pairs():
+    # one prompt, two groups of 3: gold orders (0.9, 0.5, 0.1) and (0.2, 0.2, 0.7)
+    gold = [0.9, 0.5, 0.1, 0.2, 0.2, 0.7]
+    rm = [3.0, 1.0, 2.0, 0.0, 5.0, 1.0]
+    result = pairwise_agreement(gold, rm, n_prompts=1, per_prompt=6, k=3)
+    # group 1: (0,1) yes, (0,2) yes, (1,2) no; group 2: the tie gives no pair, (2,0) yes, (2,1) no
+    assert result["pairs"] == 5 and result["accuracy"] == pytest.approx(3 / 5)
+    assert result["prompts"] == 1 and result["answers_per_ranking"] == 3
+    # all ties: no pair, the prompt does not count; an rm tie is not agreement
+    assert pairwise_agreement([0.5] * 4, [1, 2, 3, 4], 1, 4, 2)["prompts"] == 0
+    assert pairwise_agreement([1.0, 0.0], [1.0, 1.0], 1, 2, 2)["accuracy"] == 0.0
 
 
 class _Dummy:
