@@ -144,7 +144,12 @@ def test_every_stage_is_evaluated_on_the_same_prompt_list(tiny_ppo):
     for key in ("gain_sampled", "gain_greedy", "win_rate"):
         assert len(ppo[f"{key}_ci"]) == 2 and ppo[f"{key}_ci"][0] <= ppo[key] <= ppo[f"{key}_ci"][1]
     assert (run / "ppo" / "overoptimisation.png").stat().st_size > 1000
-    assert (run / "reward" / "best_of_n.json").exists()
+    best = json.loads((run / "reward" / "best_of_n.json").read_text())
+    reward = json.loads((run / "reward" / "metrics.json").read_text())
+    for pairwise, accuracy in ((best["pairwise"], reward["eval_pairwise_accuracy"]),
+                               (best["eval_temperature"]["pairwise"], reward["eval_pairwise_accuracy_eval_temperature"])):
+        assert pairwise["accuracy"] == accuracy and pairwise["answers_per_ranking"] == min(config.best_of_n_values)
+        assert pairwise["prompts"] <= config.prompts and (pairwise["pairs"] == 0 or 0 <= accuracy <= 1)
 
 
 def test_the_base_model_stops_at_its_first_newline_with_the_same_answers(tiny_pretrained):
