@@ -137,7 +137,6 @@ class MLP(nn.Module):
         return self.dropout(self.proj(gelu(self.fc(x))))
 
 
-
 class Block(GradientCheckpointingLayer):
     def __init__(self, config, layer_idx):
         super().__init__()
