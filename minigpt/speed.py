@@ -88,10 +88,9 @@ class SpeedDecision:
         restored from its state, already hold the kernel it started with)."""
         if self.adamw != "fused":
             return
-        for optimizer in getattr(optimizers, "optimizers", [optimizers]):
-            if isinstance(optimizer, torch.optim.AdamW):
-                for group in optimizer.param_groups:
-                    group["fused"], group["foreach"] = True, False
+        for optimizer in adamw_optimizers(optimizers):
+            for group in optimizer.param_groups:
+                group["fused"], group["foreach"] = True, False
 
     def as_dict(self) -> dict:
         return {**asdict(self), "chosen": self.name(), "speedup_vs_fp32_eager": self.speedup()}
@@ -268,11 +267,16 @@ def choose_adamw(params, device, repeats: int = 5) -> tuple[str, dict]:
     return pick(seconds, "default"), seconds
 
 
+def adamw_optimizers(optimizers) -> list:
+    """The AdamW optimizers among `optimizers` (a torch optimizer, or anything with `.optimizers`)."""
+    return [o for o in getattr(optimizers, "optimizers", [optimizers]) if isinstance(o, torch.optim.AdamW)]
+
+
 def adamw_parameters(optimizers) -> list:
-    """The parameters the AdamW optimizers among `optimizers` (a torch optimizer, or anything with
-    `.optimizers`) update: with Muon for the hidden matrices, only the embedding and norms."""
-    return [p for optimizer in getattr(optimizers, "optimizers", [optimizers])
-            if isinstance(optimizer, torch.optim.AdamW) for group in optimizer.param_groups for p in group["params"]]
+    """The parameters those AdamW optimizers update: with Muon for the hidden matrices, only the embedding
+    and norms."""
+    return [p for optimizer in adamw_optimizers(optimizers)
+            for group in optimizer.param_groups for p in group["params"]]
 
 
 def choose_speed(model, batch: int, block: int, vocab: int, device, dtype: str = "auto", compile="auto",
