@@ -57,19 +57,24 @@ class RankingMetrics:
     pairwise_accuracy_ci: list[float] = field(default_factory=lambda: [float("nan")] * 2)  # prompts resampled
 
 
+def agreeing_pairs(rewards: list[float], ranks: list[int]) -> tuple[int, int]:
+    """(pairs that `rewards` order as `ranks` do, pairs) for one ranking; a tie in rewards does not agree."""
+    pairs = ranking_pairs(ranks)
+    return sum(rewards[better] > rewards[worse] for better, worse in pairs), len(pairs)
+
+
 def ranking_metrics(groups: list[tuple[list[float], list[int]]]) -> RankingMetrics:
     """Metrics of model rewards against rankings; `groups` = [(rewards, ranks), …] one per prompt."""
     agreeing, counts, taus = [], [], []  # per prompt
     top1 = 0
     for rewards, ranks in groups:
-        group_pairs = ranking_pairs(ranks)
-        if not group_pairs:
+        agree, count = agreeing_pairs(rewards, ranks)
+        if not count:
             continue
-        agree = sum(rewards[i] > rewards[j] for i, j in group_pairs)
-        disagree = sum(rewards[i] < rewards[j] for i, j in group_pairs)
+        disagree = sum(rewards[i] < rewards[j] for i, j in ranking_pairs(ranks))
         agreeing.append(agree)
-        counts.append(len(group_pairs))
-        taus.append((agree - disagree) / len(group_pairs))
+        counts.append(count)
+        taus.append((agree - disagree) / count)
         top1 += ranks[max(range(len(rewards)), key=lambda k: rewards[k])] == min(ranks)
     n, pairs = len(taus), sum(counts)
     # a prompt's pairs share its responses, so the interval resamples prompts, not pairs
