@@ -34,7 +34,7 @@ from minigpt.config import EvalConfig, to_dict
 from minigpt.data import load_prompts
 from minigpt.judge import NO_JUDGE_NOTE, has_judge_records, score
 from minigpt.ppo import repetition_rate, sequence_kl
-from minigpt.ranking import agreeing_pairs, ranks_from_scores
+from minigpt.ranking import pair_orders, ranks_from_scores
 from minigpt.reward_model import RewardScorer
 from minigpt.sampling import SamplingConfig, generate_in_batches
 from minigpt.stats import bootstrap_ci, bootstrap_ratio_ci, paired_gain, significance, spearman, win_rate
@@ -395,7 +395,7 @@ def pairwise_agreement(gold: list[float], rm: list[float], n_prompts: int, per_p
     for i in range(n_prompts):
         agree = count = 0
         for start in range(i * per_prompt, (i + 1) * per_prompt - k + 1, k):
-            agreed, pairs = agreeing_pairs(rm[start:start + k], ranks_from_scores(gold[start:start + k]))
+            agreed, _, pairs = pair_orders(rm[start:start + k], ranks_from_scores(gold[start:start + k]))
             agree += agreed
             count += pairs
         if count:

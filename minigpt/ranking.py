@@ -57,10 +57,12 @@ class RankingMetrics:
     pairwise_accuracy_ci: list[float] = field(default_factory=lambda: [float("nan")] * 2)  # prompts resampled
 
 
-def agreeing_pairs(rewards: list[float], ranks: list[int]) -> tuple[int, int]:
-    """(pairs that `rewards` order as `ranks` do, pairs) for one ranking; a tie in rewards does not agree."""
+def pair_orders(rewards: list[float], ranks: list[int]) -> tuple[int, int, int]:
+    """(pairs that `rewards` order as `ranks` do, pairs they order the other way, pairs) for one ranking;
+    a tie in rewards is neither."""
     pairs = ranking_pairs(ranks)
-    return sum(rewards[better] > rewards[worse] for better, worse in pairs), len(pairs)
+    return (sum(rewards[better] > rewards[worse] for better, worse in pairs),
+            sum(rewards[better] < rewards[worse] for better, worse in pairs), len(pairs))
 
 
 def ranking_metrics(groups: list[tuple[list[float], list[int]]]) -> RankingMetrics:
@@ -68,10 +70,9 @@ def ranking_metrics(groups: list[tuple[list[float], list[int]]]) -> RankingMetri
     agreeing, counts, taus = [], [], []  # per prompt
     top1 = 0
     for rewards, ranks in groups:
-        agree, count = agreeing_pairs(rewards, ranks)
+        agree, disagree, count = pair_orders(rewards, ranks)
         if not count:
             continue
-        disagree = sum(rewards[i] < rewards[j] for i, j in ranking_pairs(ranks))
         agreeing.append(agree)
         counts.append(count)
         taus.append((agree - disagree) / count)
