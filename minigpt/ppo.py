@@ -221,6 +221,9 @@ def check_ppo_config(config, world: int) -> None:
         # truncated sampling draws from a distribution the policy's log-probabilities do not describe
         raise ValueError(f"top_k={config.top_k}, top_p={config.top_p}: PPO's ratios and KL need rollouts from the "
                          f"policy's whole distribution; leave top_k=0 and top_p=1.0 (set temperature instead)")
+    if config.kl_loss_estimator not in ("k3", "exact"):
+        raise ValueError(f"kl_loss_estimator={config.kl_loss_estimator!r}: expected k3 (the sampled token's "
+                         f"estimate) or exact (the sum over the vocabulary)")
     if (config.prompts_per_step // world) % k:
         raise ValueError(f"prompts_per_step={config.prompts_per_step} answers over {world} processes must give "
                          f"each process whole groups of samples_per_prompt={k} answers to one prompt")
@@ -229,21 +232,38 @@ def check_ppo_config(config, world: int) -> None:
 # ---- model passes ----------------------------------------------------------------------------------
 
 def response_logprobs(model, ids, attention_mask, prompt_width: int, with_entropy: bool = False,
-                      temperature: float = 1.0):
+                      temperature: float = 1.0, with_distribution: bool = False):
     """Log-probabilities (B, R) of the response tokens, from the logits one position earlier.
 
     At `temperature` T these are the log-probabilities of the policy that samples at T
     (softmax(logits / T)): PPO's ratios, its KL and the gradient then all concern the distribution the
-    answers were actually drawn from.
+    answers were actually drawn from. `with_entropy` adds each position's entropy (B, R);
+    `with_distribution` adds each position's whole log-distribution (B, R, V), last.
     """
     logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, prompt_width - 1:-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = torch.log_softmax(logits, -1)
-    chosen = logprobs.gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
-    if not with_entropy:
-        return chosen
-    return chosen, -(logprobs.exp() * logprobs).sum(-1)
+    out = (logprobs.gather(-1, ids[:, prompt_width:, None]).squeeze(-1),)
+    if with_entropy:
+        out += (-(logprobs.exp() * logprobs).sum(-1),)
+    if with_distribution:
+        out += (logprobs,)
+    return out[0] if len(out) == 1 else out
+
+
+def exact_kl(logprobs, ref_logprobs):
+    """KL(policy‖reference) at each position (B, R), summed over the whole vocabulary: (B, R, V) inputs.
+
+    As a loss it pulls every token's probability toward the reference at every position the rollouts
+    visit, including tokens the reward is indifferent to and tokens that were not drawn; k3 on the
+    sampled token pulls only the token drawn, and not at all where its probability equals the reference's.
+    """
+    return (logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)
+
+
+def uses_exact_kl_loss(config) -> bool:
+    return config.kl_loss_coef > 0 and config.kl_loss_estimator == "exact"
 
 
 class TokenValueModel(torch.nn.Module):
@@ -304,6 +324,7 @@ class Rollout:
     scores: torch.Tensor  # (B,) the reward before the KL penalty (normalised, clipped, penalised)
     raw_scores: torch.Tensor  # (B,) what the reward function returned
     kl: torch.Tensor  # (B, R) per-token KL estimate
+    ref_distribution: torch.Tensor | None = None  # (B, R, V) the reference's log-probabilities (exact KL loss only)
     rewards: torch.Tensor = None
     advantages: torch.Tensor = None
     returns: torch.Tensor = None
@@ -325,7 +346,13 @@ def make_rollout(policy, reference, value_model, reward_fn, prompts: list[list[i
     ids, attention_mask, mask, P = prompt_and_response_batch(prompts, responses, tokenizer.pad_id, device)
 
     logprobs = response_logprobs(policy, ids, attention_mask, P, temperature=config.temperature) * mask
-    ref_logprobs = response_logprobs(reference, ids, attention_mask, P, temperature=config.temperature) * mask
+    ref_distribution = None  # the exact KL loss needs the reference's whole distribution at each position
+    if uses_exact_kl_loss(config):
+        ref_logprobs, ref_distribution = response_logprobs(reference, ids, attention_mask, P,
+                                                           temperature=config.temperature, with_distribution=True)
+        ref_logprobs = ref_logprobs * mask
+    else:
+        ref_logprobs = response_logprobs(reference, ids, attention_mask, P, temperature=config.temperature) * mask
     # critic-free (rloo) runs have no value model: their baseline is the prompt's other answers
     values = token_values(value_model, ids, attention_mask, P) * mask if value_model is not None else None
     raw = reward_fn(out.tokens, out.finished).to(device).float()
@@ -333,7 +360,7 @@ def make_rollout(policy, reference, value_model, reward_fn, prompts: list[list[i
     scores = scores + torch.tensor([0.0 if f else config.no_end_penalty for f in out.finished], device=device)
     kl = kl_penalty(logprobs, ref_logprobs, config.kl_estimator) * mask
     return Rollout(ids, attention_mask, P, mask, out.tokens, out.finished, logprobs, ref_logprobs, values,
-                   scores, raw, kl)
+                   scores, raw, kl, ref_distribution=ref_distribution)
 
 
 def assign_rewards(rollout: Rollout, beta: float, config, accelerator=None) -> None:
@@ -375,12 +402,15 @@ def ppo_update(policy, value_model, policy_optimizer, value_optimizer, rollout: 
         for start in range(0, B, minibatch):
             idx = order[start:start + minibatch].to(rollout.ids.device)
             ids, attention, mask = rollout.ids[idx], rollout.attention_mask[idx], rollout.mask[idx]
-            logprobs, entropy = response_logprobs(policy, ids, attention, rollout.prompt_width, with_entropy=True,
-                                                  temperature=config.temperature)
+            exact = uses_exact_kl_loss(config)
+            logprobs, entropy, *distribution = response_logprobs(
+                policy, ids, attention, rollout.prompt_width, with_entropy=True, temperature=config.temperature,
+                with_distribution=exact)
             loss, clip_fraction, approx_kl = clipped_policy_loss(
                 logprobs, rollout.logprobs[idx], rollout.advantages[idx], mask, config.clip_range)
-            if config.kl_loss_coef > 0:  # GRPO-style: the pull toward SFT as a loss term, exact per token
-                kl_loss = masked_mean(kl_penalty(logprobs, rollout.ref_logprobs[idx], "k3"), mask)
+            if config.kl_loss_coef > 0:  # the pull toward SFT as a loss term, beside the penalty in the reward
+                kl_loss = masked_mean(exact_kl(distribution[0], rollout.ref_distribution[idx]) if exact
+                                      else kl_penalty(logprobs, rollout.ref_logprobs[idx], "k3"), mask)
                 loss = loss + config.kl_loss_coef * kl_loss
                 stats["kl_loss"].append(kl_loss.item())
             if ptx_batch_fn is not None and config.ptx_coef > 0:  # PPO-ptx: keep the pretraining skill

@@ -5,8 +5,9 @@ import torch
 
 from minigpt.model import MiniGPTConfig, MiniGPTForCausalLM, MiniGPTForSequenceClassification
 from minigpt.ppo import (AdaptiveKLController, KLStop, TokenValueModel, assign_rewards, clipped_policy_loss,
-                         clipped_value_loss, gae_advantages, health_verdict, kl_penalty, leave_one_out_advantages,
-                         make_rollout, ppo_update, step_prompts, trained_prompts, transfer_note, whiten)
+                         clipped_value_loss, exact_kl, gae_advantages, health_verdict, kl_penalty,
+                         leave_one_out_advantages, make_rollout, ppo_update, step_prompts, trained_prompts,
+                         transfer_note, whiten)
 
 
 def test_gae_and_returns_against_a_hand_computed_example():
@@ -62,6 +63,21 @@ def test_kl_estimators():
     for estimator in ("k1", "k3"):
         estimate = kl_penalty(p.log()[x], q.log()[x], estimator).mean()
         assert abs(estimate - true_kl) < 0.01
+
+
+def test_exact_kl_sums_over_the_vocabulary_and_pulls_tokens_the_sample_does_not_show():
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.4, 0.4, 0.2])
+    assert torch.allclose(exact_kl(p.log()[None, None], q.log()[None, None]), (p * (p / q).log()).sum())
+    assert exact_kl(q.log()[None, None], q.log()[None, None]).abs().item() < 1e-7
+    # the drawn token (0) has the reference's probability; the policy moved mass from token 2 to token 1
+    ref = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    logits = torch.log(torch.tensor([0.5, 0.45, 0.05])).requires_grad_(True)
+    drawn = torch.log_softmax(logits, -1)[0]
+    kl_penalty(drawn, ref[0], "k3").backward()
+    assert logits.grad.abs().max().item() < 1e-6  # k3 on the sampled token sees nothing to pull
+    logits.grad = None
+    exact_kl(torch.log_softmax(logits, -1)[None, None], ref[None, None]).sum().backward()
+    assert logits.grad[1].item() > 0 > logits.grad[2].item()  # exact: token 1 pushed down, token 2 up
 
 
 def test_whitening_over_real_tokens():
@@ -134,7 +150,7 @@ class ToyConfig:
     reward_clip, no_end_penalty, kl_estimator = 5.0, 0.0, "k1"
     gamma, lam = 1.0, 0.95
     ppo_epochs, minibatch_size, clip_range, clip_range_value, value_coef = 2, 16, 0.2, 0.2, 0.5
-    grad_clip, target_approx_kl, ptx_coef, kl_loss_coef = 1.0, 1.0, 0.0, 0.0
+    grad_clip, target_approx_kl, ptx_coef, kl_loss_coef, kl_loss_estimator = 1.0, 1.0, 0.0, 0.0, "k3"
     advantage, samples_per_prompt = "gae", 1
 
 
@@ -321,7 +337,8 @@ def test_ppo_settings_it_cannot_run_are_refused_by_name(setting, named):
         check_ppo_config(replace(PPOConfig(), **setting), world=1)
 
 
-def test_kl_loss_term_pulls_the_policy_back_toward_the_reference():
+@pytest.mark.parametrize("estimator", ["k3", "exact"])
+def test_kl_loss_term_pulls_the_policy_back_toward_the_reference(estimator):
     """With nothing to gain (equal rewards: zero advantages) the only force left is kl_loss_coef's pull to SFT."""
     from accelerate import Accelerator
 
@@ -337,7 +354,8 @@ def test_kl_loss_term_pulls_the_policy_back_toward_the_reference():
     prompts = [[2, 3, 4]] * 16
 
     def kl_and_step(coef: float) -> tuple[float, float]:
-        toy = type("KLLoss", (ToyConfig,), {"advantage": "rloo", "samples_per_prompt": 4, "kl_loss_coef": coef})
+        toy = type("KLLoss", (ToyConfig,), {"advantage": "rloo", "samples_per_prompt": 4, "kl_loss_coef": coef,
+                                            "kl_loss_estimator": estimator})
         rollout = make_rollout(policy, reference, None, lambda tokens, finished: torch.zeros(len(tokens)), prompts,
                                toy, ToyTokenizer, torch.Generator().manual_seed(1))
         before = sum(sequence_kl(policy, reference, prompts, rollout.response_tokens, pad_id=0))
