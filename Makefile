@@ -147,8 +147,12 @@ $(R)/reward/metrics.json: $(if $(RUN_REWARD_DATA),$(R)/sft/metrics.json,$(R)/sam
 	$(LAUNCH) stages/reward.py $(COMMON) $(call data_arg,--data,$(RUN_REWARD_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_REWARD_ARGS)
 
 ppo: $(R)/ppo/metrics.json
+# Under `make all`'s time budget (cpu) round 1's PPO, like every later round's, gets only the time left as
+# max_time (at least 90 s; minigpt/rounds.py), so a machine that reaches PPO late still ends on time.
+ROUND_1_TIME_LIMIT = $(if $(and $(filter all,$(MAKECMDGOALS)),$(filter-out 0,$(ALL_BUDGET))),$$($(PY) -m minigpt.rounds \
+  --run $(RUN) --runs-root $(RUNS_ROOT) --time-budget $(ALL_BUDGET) --ppo-args $(call quote,$(RUN_PPO_ARGS)) --round-1-time-limit))
 $(R)/ppo/metrics.json: $(R)/reward/metrics.json $(R)/.settings/ppo
-	$(LAUNCH) stages/ppo.py $(COMMON) $(call data_arg,--data,$(RUN_PPO_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_PPO_ARGS)
+	$(LAUNCH) stages/ppo.py $(COMMON) $(call data_arg,--data,$(RUN_PPO_DATA)) $(call data_arg,--eval-data,$(RUN_EVAL_DATA)) $(RUN_PPO_ARGS) $(ROUND_1_TIME_LIMIT)
 
 # ---- the alternatives to PPO: DPO on the ranked samples, GRPO with the reward model, and rejection
 # sampling (RSFT: SFT on the reward model's best of k answers) ---------------------------------------

@@ -148,3 +148,29 @@ def test_a_round_under_a_deadline_gives_ppo_only_the_time_left(tmp_path, monkeyp
     commands.clear()
     rounds.run_round(2, tmp_path / "r", ["--run", "r"], ["python"], ["python"], {"ppo": ["lr=1e-5"]})
     assert commands[-1][-1] == "lr=1e-5"  # no deadline, no limit
+
+
+def test_round_1_ppo_under_make_alls_budget_gets_the_time_left(tmp_path):
+    """A machine that reaches PPO late (z0, an AMD EPYC family 25: PPO began 973 s in, the run took 21 min)
+    cuts round 1's PPO loop to what the budget leaves, but not below its floor; `make ppo` is never cut."""
+    import os
+
+    from minigpt import rounds
+
+    run = tmp_path / "r"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "stats.json").write_text("{}")
+    os.utime(run / "data" / "stats.json", (0, 0))
+    wrap_up, floor = rounds.PPO_WRAP_UP_SECONDS, rounds.ROUND_1_MIN_PPO_SECONDS
+    assert rounds.round_1_time_limit(run, 1140, [], now=900) == [f"max_time={1140 - 900 - wrap_up}"]
+    assert rounds.round_1_time_limit(run, 1140, ["lr=1e-5"], now=1100) == [f"max_time={floor}"]  # late: the floor
+    assert rounds.round_1_time_limit(run, 1140, ["max_time=60"], now=900) == []  # a user's smaller limit stays
+    assert rounds.round_1_time_limit(run, 1140, ["max_time=600"], now=900) == [f"max_time={1140 - 900 - wrap_up}"]
+    # the Makefile asks for it under `make all` with a budget only
+    def ppo_line(*variables):
+        dry = subprocess.run(["make", "-n", *variables, "RUN=t", f"RUNS_ROOT={tmp_path / 'runs'}"], cwd=REPO,
+                             capture_output=True, text=True, check=True)
+        return next(line for line in dry.stdout.splitlines() if "stages/ppo.py" in line)
+    assert "--round-1-time-limit" in ppo_line("all", "PRESET=cpu") and "--time-budget 1140" in ppo_line("all", "PRESET=cpu")
+    assert "--round-1-time-limit" not in ppo_line("ppo", "PRESET=cpu")
+    assert "--round-1-time-limit" not in ppo_line("all", "PRESET=tiny")  # no budget
