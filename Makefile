@@ -176,7 +176,8 @@ alternatives: $(R)/ppo/metrics.json $(R)/dpo/metrics.json $(R)/grpo/metrics.json
 # pipeline's own; each later one starts from the last policy, minigpt/rounds.py), starting another
 # only while the run should still end within ALL_BUDGET seconds (a started round's PPO gets the time
 # left as max_time): cpu up to 3 rounds in 18 minutes from the world's first file, which leaves a fresh
-# clone's set-up (about a minute) and the report (30-40 s) inside its 20 minutes; tiny and gpu one. `make rlhf ROUNDS=N` runs N whatever the time.
+# clone's set-up (about a minute) and the report (30-40 s) inside its 20 minutes; tiny and gpu one.
+# `make rlhf ROUNDS=N` runs N whatever the time.
 # Every round's stages get the run's own arguments for them (SAMPLES_ARGS, REWARD_ARGS, PPO_ARGS).
 ROUND_STAGE_ARGS = --samples-args $(call quote,$(RUN_SAMPLES_ARGS)) --reward-args $(call quote,$(RUN_REWARD_ARGS)) \
   --ppo-args $(call quote,$(RUN_PPO_ARGS))

@@ -53,6 +53,11 @@ def round_seed(seed: int, n: int) -> int:
 PPO_WRAP_UP_SECONDS = 40
 
 
+def ppo_seconds_left(deadline: float, now: float | None = None) -> float:
+    """The loop time a PPO stage launched now has if it must end by `deadline` (a time.time())."""
+    return deadline - (time.time() if now is None else now) - PPO_WRAP_UP_SECONDS
+
+
 # Round 1's PPO is cut to the time left too, but never below this: its held-out gain is made in the first
 # 16 or so steps (the over-optimisation curves of runs z0, e0-e2), which 90 s buys on the cpu preset's machines.
 ROUND_1_MIN_PPO_SECONDS = 90
@@ -89,7 +94,7 @@ def run_round(n: int, run_dir: Path, common: list[str], launch: list[str], pytho
             print(f"round {n}: {folders[stage]} is done, skipping", flush=True)
             continue
         if stage == "ppo":
-            left = None if deadline is None else deadline - time.time() - PPO_WRAP_UP_SECONDS
+            left = None if deadline is None else ppo_seconds_left(deadline)
             command = command + (extra("ppo") if left is None else with_time_limit(extra("ppo"), left))
         print(f"round {n}: {' '.join(command)}", flush=True)
         subprocess.run(command, check=True)
@@ -119,8 +124,7 @@ def fits_in_budget(run_dir: Path, n: int, budget: float, now: float | None = Non
 def round_1_time_limit(run_dir: Path, budget: float, ppo_args: list[str], now: float | None = None) -> list[str]:
     """The `max_time=` argument (or none) round 1's PPO gets under `budget` seconds from the run's start:
     the time left minus the wrap-up, at least ROUND_1_MIN_PPO_SECONDS; a user's smaller limit stays."""
-    now = time.time() if now is None else now
-    left = max(ROUND_1_MIN_PPO_SECONDS, run_started(run_dir) + budget - now - PPO_WRAP_UP_SECONDS)
+    left = max(ROUND_1_MIN_PPO_SECONDS, ppo_seconds_left(run_started(run_dir) + budget, now))
     return [a for a in with_time_limit(ppo_args, left) if a not in ppo_args]
 
 

@@ -171,6 +171,7 @@ def test_round_1_ppo_under_make_alls_budget_gets_the_time_left(tmp_path):
         dry = subprocess.run(["make", "-n", *variables, "RUN=t", f"RUNS_ROOT={tmp_path / 'runs'}"], cwd=REPO,
                              capture_output=True, text=True, check=True)
         return next(line for line in dry.stdout.splitlines() if "stages/ppo.py" in line)
-    assert "--round-1-time-limit" in ppo_line("all", "PRESET=cpu") and "--time-budget 1080" in ppo_line("all", "PRESET=cpu")
+    under_make_all = ppo_line("all", "PRESET=cpu")
+    assert "--round-1-time-limit" in under_make_all and "--time-budget 1080" in under_make_all
     assert "--round-1-time-limit" not in ppo_line("ppo", "PRESET=cpu")
     assert "--round-1-time-limit" not in ppo_line("all", "PRESET=tiny")  # no budget
